@@ -1,0 +1,123 @@
+"""Choosing the device, mixed precision, and the distributed process group (torchrun)."""
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class DeviceError(RuntimeError):
+    """A device or distributed set-up the user asked for cannot be had."""
+
+
+def mps_available():
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def get_device(preference=None):
+    """CUDA, else Apple MPS, else CPU; `preference` ("cuda", "cuda:1", "mps", "cpu") overrides."""
+    if preference in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if mps_available() else torch.device("cpu")
+    try:
+        device = torch.device(preference)
+    except RuntimeError:
+        raise DeviceError(f"unknown device {preference!r}; use auto, cuda, cuda:N, mps or cpu") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {preference!r} was asked for, but no CUDA GPU is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {preference!r} was asked for, but only {torch.cuda.device_count()} GPU(s) exist")
+    elif device.type == "mps":
+        if not mps_available():
+            raise DeviceError("device 'mps' was asked for, but Apple MPS is not available")
+    elif device.type != "cpu":
+        raise DeviceError(f"device type {device.type!r} is not supported; use cuda, mps or cpu")
+    return device
+
+
+def resolve_precision(device, precision="auto"):
+    """bf16 autocast on CUDA by default; fp32 elsewhere, where bf16 is slow or unsupported."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(device, precision):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+@dataclass
+class Runtime:
+    """Where this process trains and which rank it is; world_size 1 for a plain `python train.py`."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+
+def setup_runtime(preference=None):
+    """Pick the device; under torchrun (WORLD_SIZE > 1) also join the process group: NCCL on CUDA, gloo on CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = get_device(preference)
+    if world_size == 1:
+        return Runtime(device)
+    rank = int(os.environ["RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    elif device.type == "cpu":
+        backend = "gloo"
+    else:
+        raise DeviceError(f"distributed training runs on cuda (NCCL) or cpu (gloo), not {device.type}")
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    return Runtime(device, rank, world_size)
+
+
+def teardown_runtime(runtime):
+    if runtime.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor, runtime):
+    """Sum a tensor over ranks in place (a no-op in a single process) and return it."""
+    if runtime.distributed:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def distribute_model(model, runtime):
+    """Wrap in DistributedDataParallel under torchrun; a single process trains the model as it is."""
+    if not runtime.distributed:
+        return model
+    device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def any_rank(flag, runtime):
+    """True on every rank if `flag` is true on any (a collective: every rank must call it)."""
+    if not runtime.distributed:
+        return flag
+    tensor = torch.tensor([float(flag)], device=runtime.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.item() > 0

@@ -1,0 +1,250 @@
+import math
+import pickle
+
+import pytest
+import torch
+
+import dataset_utils
+from conftest import write_cifar100
+from dataset_utils import (CIFAR100_MEAN, CIFAR100_STD, CIFAR100Folder, DataError, EvalLoader, TrainLoader,
+                           adjust_brightness, adjust_contrast, adjust_saturation, color_jitter, horizontal_flip,
+                           load_cifar100, normalize, plan_epoch, random_crop, read_cifar100, rotate)
+
+
+def random_batch(size=8, seed=0):
+    return torch.rand(size, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- reading ----
+
+
+def test_reader_reads_the_pickle_layout(cifar_dir):
+    arrays = read_cifar100(cifar_dir, download=False)
+    assert arrays.train_images.shape == (64, 3, 32, 32) and arrays.train_images.dtype == torch.uint8
+    assert arrays.test_images.shape == (32, 3, 32, 32)
+    assert arrays.train_labels.dtype == torch.int64 and set(arrays.train_labels.tolist()) == set(range(10))
+    assert arrays.classes[:2] == ["class_0", "class_1"] and len(arrays.classes) == 100
+
+
+def test_reader_keeps_pixels_in_channel_order(cifar_dir):
+    with open(cifar_dir / "cifar-100-python" / "train", "rb") as handle:
+        raw = pickle.load(handle)["data"]
+    arrays = read_cifar100(cifar_dir, download=False)
+    assert torch.equal(arrays.train_images[5].reshape(-1), torch.from_numpy(raw[5]))
+
+
+def test_missing_data_without_download_says_where_to_put_it(tmp_path):
+    with pytest.raises(DataError, match="put cifar-100-python.tar.gz or its extracted cifar-100-python/ folder in"):
+        read_cifar100(tmp_path, download=False)
+
+
+def test_failed_download_says_where_to_put_the_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(CIFAR100Folder, "url", "http://127.0.0.1:9/cifar-100-python.tar.gz")  # nothing listens
+    with pytest.raises(DataError, match="could not get CIFAR-100 .*put cifar-100-python.tar.gz"):
+        read_cifar100(tmp_path, download=True)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_split_file_is_named(cifar_dir, damage):
+    path = cifar_dir / "cifar-100-python" / "train"
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\x00not a pickle" * 50, "empty": b""}[damage])
+    with pytest.raises(DataError, match=f"{path}: unreadable CIFAR-100 file"):
+        read_cifar100(cifar_dir, download=False)
+
+
+def test_corrupt_meta_file_is_named(cifar_dir):
+    path = cifar_dir / "cifar-100-python" / "meta"
+    path.write_bytes(b"garbage")
+    with pytest.raises(DataError, match=f"{path}: unreadable CIFAR-100 meta file"):
+        read_cifar100(cifar_dir, download=False)
+
+
+def rewrite_split(path, **changes):
+    with open(path, "rb") as handle:
+        entry = pickle.load(handle)
+    entry.update(changes)
+    with open(path, "wb") as handle:
+        pickle.dump(entry, handle)
+    return entry
+
+
+def test_labels_outside_0_to_99_are_refused(cifar_dir):
+    path = cifar_dir / "cifar-100-python" / "test"
+    rewrite_split(path, fine_labels=[100] * 32)
+    with pytest.raises(DataError, match=f"{path}: labels must lie in 0..99"):
+        read_cifar100(cifar_dir, download=False)
+
+
+def test_wrong_image_shapes_are_refused(cifar_dir):
+    path = cifar_dir / "cifar-100-python" / "train"
+    entry = rewrite_split(path)
+    rewrite_split(path, data=entry["data"][:, :1000])
+    with pytest.raises(DataError, match=str(path)):
+        read_cifar100(cifar_dir, download=False)
+
+
+def test_label_count_must_match_image_count(cifar_dir):
+    path = cifar_dir / "cifar-100-python" / "train"
+    rewrite_split(path, fine_labels=[0] * 10)
+    with pytest.raises(DataError, match=f"{path}: 64 images but 10 labels"):
+        read_cifar100(cifar_dir, download=False)
+
+
+# ---- augmentation ops ----
+
+
+def test_flip_mirrors_exactly_the_masked_images():
+    images = random_batch()
+    mask = torch.tensor([True, False] * 4)
+    flipped = horizontal_flip(images, mask)
+    assert torch.equal(flipped[mask], images[mask].flip(-1))
+    assert torch.equal(flipped[~mask], images[~mask])
+
+
+def test_crop_at_the_centre_offset_is_identity_and_others_shift():
+    images = random_batch()
+    centre = torch.full((8, 2), 4)
+    assert torch.equal(random_crop(images, centre), images)
+    shifted = random_crop(images, torch.tensor([[0, 8]] * 8))  # 4 rows up, 4 columns right of centre
+    assert torch.equal(shifted[:, :, 4:, :28], images[:, :, :28, 4:])
+    assert (shifted[:, :, :4] == 0).all() and (shifted[:, :, :, 28:] == 0).all()
+
+
+def test_crops_stay_within_the_padded_image():
+    images = torch.ones(4, 3, 32, 32)
+    corners = torch.tensor([[0, 0], [0, 8], [8, 0], [8, 8]])
+    cropped = random_crop(images, corners)
+    # Each extreme crop keeps a 28x28 block of the image and exactly 4 rows and 4 columns of padding.
+    assert cropped.shape == images.shape
+    assert (cropped.sum((1, 2, 3)) == 3 * 28 * 28).all()
+
+
+def test_rotation_by_zero_is_identity_and_by_90_turns_the_image():
+    images = random_batch(4)
+    assert torch.equal(rotate(images, torch.zeros(4)), images)
+    quarter = rotate(images, torch.full((4,), 90.0))
+    assert torch.allclose(quarter, images.rot90(1, dims=(-2, -1))) or torch.allclose(
+        quarter, images.rot90(-1, dims=(-2, -1)))
+
+
+def test_rotation_keeps_pixel_values_and_fills_corners_with_zero():
+    images = random_batch(2) + 1  # every pixel > 0
+    rotated = rotate(images, torch.tensor([15.0, -15.0]))
+    assert (rotated[:, :, 0, 0] == 0).all()  # a corner leaves the frame at 15 degrees
+    inside = rotated[rotated > 0]
+    assert torch.isin(inside, images).all()  # nearest neighbour: no new values
+
+
+def test_jitter_ops_match_their_definitions():
+    images = random_batch(4)
+    factors = torch.tensor([0.8, 1.0, 1.2, 1.1])
+    assert torch.allclose(adjust_brightness(images, factors), (images * factors[:, None, None, None]).clamp(0, 1))
+    assert torch.equal(adjust_contrast(images, torch.ones(4)), images)
+    gray = adjust_saturation(images, torch.zeros(4))
+    assert torch.allclose(gray[:, 0], gray[:, 1]) and torch.allclose(gray[:, 1], gray[:, 2])
+    flat = adjust_contrast(images, torch.zeros(4))
+    assert torch.allclose(flat, flat.mean((1, 2, 3), keepdim=True).expand_as(flat))
+
+
+def test_jitter_with_unit_factors_is_identity_in_any_order():
+    images = random_batch(4)
+    for order in ([0, 1, 2], [2, 0, 1]):
+        assert torch.allclose(color_jitter(images, torch.ones(4, 3), torch.tensor(order)), images)
+
+
+def test_normalize_uses_cifar100_mean_and_std():
+    images = torch.tensor(CIFAR100_MEAN)[None, :, None, None].expand(2, 3, 32, 32)
+    assert torch.allclose(normalize(images), torch.zeros(2, 3, 32, 32), atol=1e-6)
+    ones = normalize(torch.ones(1, 3, 1, 1)).flatten()
+    expected = [(1 - m) / s for m, s in zip(CIFAR100_MEAN, CIFAR100_STD)]
+    assert torch.allclose(ones, torch.tensor(expected))
+
+
+def test_epoch_plan_draws_in_the_specified_ranges():
+    plan = plan_epoch(5000, steps=10, seed=3, epoch=1, device="cpu")
+    assert sorted(plan.order.tolist()) == list(range(5000))
+    assert plan.crop_offsets.min() == 0 and plan.crop_offsets.max() == 8
+    assert 0.45 < plan.flip.float().mean() < 0.55
+    assert plan.degrees.abs().max() <= 15 and plan.degrees.abs().max() > 14.5
+    assert plan.jitter_factors.min() >= 0.8 and plan.jitter_factors.max() <= 1.2
+    assert all(sorted(order.tolist()) == [0, 1, 2] for order in plan.jitter_order)
+
+
+def test_epoch_plan_depends_only_on_seed_and_epoch():
+    first, again = plan_epoch(100, 4, 7, 2, "cpu"), plan_epoch(100, 4, 7, 2, "cpu")
+    other_epoch = plan_epoch(100, 4, 7, 3, "cpu")
+    assert torch.equal(first.order, again.order) and torch.equal(first.degrees, again.degrees)
+    assert not torch.equal(first.order, other_epoch.order)
+
+
+# ---- loaders ----
+
+
+def test_loaders_yield_normalised_channels_last_batches(cifar_dir):
+    train, test = load_cifar100(16, cifar_dir, download=False, test_batch_size=10)
+    batches = list(train.batches(epoch=0))
+    assert len(batches) == train.steps_per_epoch == 4
+    images, labels = batches[0]
+    assert images.shape == (16, 3, 32, 32) and images.dtype == torch.float32 and labels.dtype == torch.int64
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    test_batches = list(test)
+    assert [len(labels) for _, labels in test_batches] == [10, 10, 10, 2] and len(test) == 4
+    all_test = torch.cat([images for images, _ in test_batches])
+    raw = read_cifar100(cifar_dir, download=False).test_images.float() / 255
+    assert torch.allclose(all_test, normalize(raw))
+
+
+def test_training_epoch_visits_each_image_once_in_a_seeded_order(cifar_dir):
+    arrays = read_cifar100(cifar_dir, download=False)
+    loader = TrainLoader(arrays.train_images, torch.arange(64), batch_size=16, seed=5)
+    seen = torch.cat([labels for _, labels in loader.batches(epoch=0)])
+    assert sorted(seen.tolist()) == list(range(64)) and seen.tolist() != list(range(64))
+    again = torch.cat([labels for _, labels in loader.batches(epoch=0)])
+    assert torch.equal(seen, again)
+
+
+def test_ranks_take_disjoint_slices_of_each_global_batch(cifar_dir):
+    arrays = read_cifar100(cifar_dir, download=False)
+    whole = TrainLoader(arrays.train_images, torch.arange(64), batch_size=16, seed=1)
+    ranks = [TrainLoader(arrays.train_images, torch.arange(64), batch_size=16, seed=1, rank=r, world_size=2)
+             for r in range(2)]
+    for (whole_images, whole_labels), (images0, labels0), (images1, labels1) in zip(
+            whole.batches(0), ranks[0].batches(0), ranks[1].batches(0)):
+        assert set(labels0.tolist()).isdisjoint(labels1.tolist())
+        assert torch.equal(torch.cat([labels0, labels1]), whole_labels)
+        assert torch.equal(torch.cat([images0, images1]), whole_images)  # same augmentation per image
+
+
+def test_test_shards_cover_the_test_set_once(cifar_dir):
+    arrays = read_cifar100(cifar_dir, download=False)
+    labels = torch.arange(32)
+    shards = [torch.cat([y for _, y in EvalLoader(arrays.test_images, labels, 5, rank=r, world_size=2)])
+              for r in range(2)]
+    assert sorted(torch.cat(shards).tolist()) == list(range(32))
+
+
+def test_resuming_mid_epoch_serves_the_remaining_batches(cifar_dir):
+    arrays = read_cifar100(cifar_dir, download=False)
+    loader = TrainLoader(arrays.train_images, arrays.train_labels, batch_size=16, seed=2)
+    full = list(loader.batches(epoch=3))
+    rest = list(loader.batches(epoch=3, start_step=2))
+    assert len(rest) == 2
+    for (a, y), (b, z) in zip(full[2:], rest):
+        assert torch.equal(a, b) and torch.equal(y, z)
+
+
+def test_batch_larger_than_the_data_is_refused(cifar_dir):
+    with pytest.raises(DataError, match="larger than the 64 training images"):
+        load_cifar100(128, cifar_dir, download=False)
+
+
+def test_augmented_batches_keep_shape_dtype_and_plausible_statistics():
+    images = (torch.rand(512, 3, 32, 32) * 255).to(torch.uint8)
+    loader = TrainLoader(images, torch.zeros(512, dtype=torch.int64), batch_size=512)
+    batch, _ = next(loader.batches(0))
+    assert batch.shape == (512, 3, 32, 32) and batch.dtype == torch.float32
+    assert math.isfinite(batch.sum().item())
+    # Uniform pixels normalise to about (0.5 - mean) / std; padding and rotation pull a little towards black.
+    black = normalize(torch.zeros(1, 3, 1, 1))
+    assert (batch >= black - 1e-5).all()

@@ -1,0 +1,143 @@
+import errno
+import os
+import random
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from dataset_utils import load_cifar100
+from device_utils import Runtime
+from model import build_model
+from train_utils import (CheckpointError, EarlyStopping, NonFiniteLossError, atomic_write, capture_rng_state,
+                         evaluate, load_checkpoint, make_criterion, make_optimizer, make_scheduler,
+                         restore_rng_state, train_one_epoch)
+
+CPU = Runtime(torch.device("cpu"))
+
+
+def tiny_setup(cifar_dir, lr=0.05, epochs=3):
+    torch.manual_seed(0)
+    train, test = load_cifar100(16, cifar_dir, download=False)
+    model = build_model("wideresnet", depth=10, widen_factor=1).to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, lr)
+    scheduler = make_scheduler(optimizer, lr, epochs * train.steps_per_epoch)
+    return model, train, test, optimizer, scheduler
+
+
+def test_a_few_epochs_on_learnable_data_reduce_the_loss(cifar_dir):
+    model, train, test, optimizer, scheduler = tiny_setup(cifar_dir)
+    before = evaluate(model, test, CPU, "fp32")
+    for epoch in range(3):
+        train_one_epoch(model, train, optimizer, scheduler, make_criterion(), epoch, CPU, "fp32",
+                        show_progress=False)
+    after = evaluate(model, test, CPU, "fp32")
+    assert after.loss < before.loss - 1.0
+    assert after.top1 > 0.5 > before.top1
+
+
+def test_train_one_epoch_counts_every_image_it_trains_on(cifar_dir):
+    model, train, _, optimizer, scheduler = tiny_setup(cifar_dir)
+    totals, stopped = train_one_epoch(model, train, optimizer, scheduler, make_criterion(), 0, CPU, "fp32",
+                                      show_progress=False)
+    assert stopped is None and totals.images == 64 and totals.seconds > 0
+    assert 0 <= totals.correct.item() <= 64 and torch.isfinite(totals.loss_sum)
+
+
+def test_a_nan_loss_names_the_epoch_and_step(cifar_dir):
+    model, train, _, optimizer, scheduler = tiny_setup(cifar_dir)
+    calls = []
+
+    def poisoned(logits, labels):
+        calls.append(1)
+        loss = make_criterion()(logits, labels)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    with pytest.raises(NonFiniteLossError, match="epoch 5, step 3"):
+        train_one_epoch(model, train, optimizer, scheduler, poisoned, 4, CPU, "fp32", show_progress=False)
+
+
+def test_early_stopping_waits_for_patience_consecutive_epochs():
+    stopper = EarlyStopping(target=0.5, patience=2)
+    assert [stopper.update(top1) for top1 in (0.6, 0.4, 0.5, 0.7)] == [False, False, False, True]
+
+
+def test_early_stopping_without_target_never_stops_and_survives_a_new_target():
+    stopper = EarlyStopping(target=None, patience=1)
+    assert not any(stopper.update(top1) for top1 in (0.9, 1.0, 1.0))
+    resumed = EarlyStopping(target=0.95, patience=2)
+    resumed.load_state_dict(stopper.state_dict())
+    assert resumed.should_stop  # judged on the stored top-1 values against the new target
+
+
+def test_rng_states_round_trip_through_a_checkpoint(tmp_path):
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    state = capture_rng_state()
+    path = tmp_path / "rng.pt"
+    torch.save(state, path)
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    restore_rng_state(torch.load(path, weights_only=True))
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(1), expected[2])
+
+
+def test_atomic_write_replaces_the_file_whole(tmp_path):
+    path = tmp_path / "last.pt"
+    atomic_write(path, b"old")
+    atomic_write(path, b"new contents")
+    assert path.read_bytes() == b"new contents"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_a_full_disk_keeps_the_previous_file_and_says_so(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    atomic_write(path, b"previous checkpoint")
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(CheckpointError, match="could not write .*last.pt: No space left on device; the previous"):
+        atomic_write(path, b"x" * 1000)
+    assert path.read_bytes() == b"previous checkpoint"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
+def test_a_kill_during_a_checkpoint_write_leaves_the_old_file_loadable(tmp_path):
+    path = tmp_path / "last.pt"
+    torch.save({"generation": 1}, path)
+    writer = ("import sys, torch; sys.path.insert(0, sys.argv[2]); from train_utils import atomic_write, "
+              "checkpoint_bytes; atomic_write(sys.argv[1], checkpoint_bytes({'big': torch.ones(400_000_000, "
+              "dtype=torch.uint8)}))")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    process = subprocess.Popen([sys.executable, "-c", writer, str(path), repo])
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(".last.pt.tmp") for p in tmp_path.iterdir()):
+        assert process.poll() is None and time.monotonic() < deadline, "the writer never started writing"
+        time.sleep(0.005)
+    process.kill()
+    process.wait()
+    assert torch.load(path, weights_only=True) == {"generation": 1}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "pickled code", "foreign"])
+def test_untrusted_checkpoints_are_refused_in_one_line(tmp_path, damage):
+    path = tmp_path / "last.pt"
+    if damage == "pickled code":
+        path.write_bytes(subprocess.run(
+            [sys.executable, "-c", "import io, os, torch\nclass Payload:\n def __reduce__(self): "
+             "return (os.system, ('touch PWNED',))\nb = io.BytesIO(); torch.save({'model': Payload()}, b); "
+             "import sys; sys.stdout.buffer.write(b.getvalue())"], capture_output=True, check=True,
+            cwd=tmp_path).stdout)
+    elif damage == "foreign":
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
+    else:
+        torch.save({"w": torch.zeros(1000)}, path)
+        data = path.read_bytes()
+        path.write_bytes({"truncated": data[:300], "empty": b"", "garbage": os.urandom(2000)}[damage])
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(path)
+    assert "\n" not in str(refused.value) and str(path) in str(refused.value)
+    assert not (tmp_path / "PWNED").exists()

@@ -1,0 +1,528 @@
+"""Training and evaluation loops, early stopping, checkpoints and run records.
+
+On the GPU the step loop never waits for the device: loss and accuracy are summed on the
+device and read only at a few sync points per epoch (progress bar, NaN check, interrupt
+agreement between ranks) and once at its end.
+"""
+import csv
+import io
+import os
+import pickle
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from device_utils import all_reduce_sum, any_rank, autocast, synchronize
+from model import build_model
+
+CHECKPOINT_FORMAT = "cifar100-trainer/1"
+CHECKPOINT_KEYS = {"format", "model_config", "model", "optimizer", "scheduler", "epoch", "step", "best_top1",
+                   "early_stopping", "history", "args", "rng"}
+SYNC_POINTS_PER_EPOCH = 10
+METRICS_COLUMNS = ("epoch", "epoch_seconds", "train_seconds", "images", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5",
+                   "lr", "images_per_sec", "best")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read, does not fit this run, or cannot be written."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+# ---- early stopping ----
+
+
+class EarlyStopping:
+    """Stop once test top-1 has been >= `target` for `patience` consecutive epochs; target None never stops.
+
+    It keeps every epoch's top-1, not just a streak, so a target changed on --resume is judged fairly.
+    """
+
+    def __init__(self, target=None, patience=2):
+        self.target, self.patience = target, patience
+        self.top1_history = []
+
+    def update(self, top1):
+        self.top1_history.append(top1)
+        return self.should_stop
+
+    @property
+    def streak(self):
+        if self.target is None:
+            return 0
+        count = 0
+        for top1 in reversed(self.top1_history):
+            if top1 < self.target:
+                break
+            count += 1
+        return count
+
+    @property
+    def should_stop(self):
+        return self.target is not None and self.streak >= self.patience
+
+    def state_dict(self):
+        return {"top1_history": list(self.top1_history)}
+
+    def load_state_dict(self, state):
+        self.top1_history = list(state["top1_history"])
+
+
+# ---- optimisation ----
+
+
+def make_optimizer(model, lr, momentum=0.9, weight_decay=5e-4, nesterov=False):
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           nesterov=nesterov)
+
+
+def make_scheduler(optimizer, max_lr, total_steps):
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps)
+
+
+def load_scheduler_state(scheduler, state):
+    """Restore the schedule's position; the planned length stays this run's, so --epochs may grow on resume."""
+    scheduler.load_state_dict({k: v for k, v in state.items() if k not in ("total_steps", "_schedule_phases")})
+
+
+def current_lr(optimizer):
+    return optimizer.param_groups[0]["lr"]
+
+
+# ---- the loops ----
+
+
+class Interrupt:
+    """The first SIGINT or SIGTERM asks the loop to stop at a step boundary; a second one quits at once."""
+
+    def __init__(self):
+        self.signum = None
+
+    def install(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            os._exit(128 + signum)  # safe: every file is written to a temporary name and renamed
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (again to quit at once)",
+              file=sys.stderr, flush=True)
+
+    @property
+    def requested(self):
+        return self.signum is not None
+
+
+@dataclass
+class EpochTotals:
+    """Running sums of one epoch on this rank, kept on the device until read."""
+
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    images: int = 0
+    seconds: float = 0.0
+
+    @classmethod
+    def zeros(cls, device):
+        return cls(torch.zeros((), device=device), torch.zeros((), device=device))
+
+    @classmethod
+    def from_state(cls, state, device):
+        return cls(torch.tensor(state["loss_sum"], device=device), torch.tensor(state["correct"], device=device),
+                   state["images"], state["seconds"])
+
+
+@dataclass
+class EpochResult:
+    loss: float
+    top1: float
+    images: int  # over all ranks
+    seconds: float
+
+    @property
+    def images_per_sec(self):
+        return self.images / max(self.seconds, 1e-9)
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, criterion, epoch, runtime, precision, start_step=0,
+                    totals=None, interrupt=None, show_progress=True):
+    """Train one epoch from `start_step`; returns (totals, stopped_at_step), the step set only when interrupted."""
+    model.train()
+    totals = totals or EpochTotals.zeros(runtime.device)
+    first_bad_step = torch.full((), -1, device=runtime.device)
+    sync_every = max(1, loader.steps_per_epoch // SYNC_POINTS_PER_EPOCH)
+    bar = tqdm(total=loader.steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}", leave=False,
+               disable=not show_progress, dynamic_ncols=True)
+    started, images_at_start = time.perf_counter(), totals.images
+    stopped_at_step = None
+    for step, (images, labels) in enumerate(loader.batches(epoch, start_step), start_step):
+        with autocast(runtime.device, precision):
+            logits = model(images)
+            loss = criterion(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        totals.loss_sum += loss.detach().float() * len(labels)
+        totals.correct += (logits.argmax(1) == labels).sum()
+        totals.images += len(labels)
+        first_bad_step = torch.where((first_bad_step < 0) & ~loss.isfinite(), step, first_bad_step)
+        bar.update(1)
+        last_step = step + 1 == loader.steps_per_epoch
+        interrupted_here = interrupt is not None and interrupt.requested and not runtime.distributed
+        if (step + 1) % sync_every == 0 or last_step or interrupted_here:
+            if check_in(first_bad_step, interrupt, epoch, runtime) and not last_step:
+                stopped_at_step = step + 1
+                break
+            elapsed = time.perf_counter() - started
+            bar.set_postfix(loss=f"{(totals.loss_sum / max(totals.images, 1)).item():.3f}",
+                            lr=f"{current_lr(optimizer):.4f}",
+                            img_s=f"{(totals.images - images_at_start) * runtime.world_size / elapsed:,.0f}")
+    bar.close()
+    synchronize(runtime.device)
+    totals.seconds += time.perf_counter() - started
+    return totals, stopped_at_step
+
+
+def check_in(first_bad_step, interrupt, epoch, runtime):
+    """A sync point: raise on a non-finite loss on any rank; return whether any rank was interrupted."""
+    flags = torch.stack([first_bad_step.float(), torch.tensor(float(interrupt is not None and interrupt.requested),
+                                                              device=first_bad_step.device)])
+    if runtime.distributed:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad_step, stop = flags.tolist()
+    if bad_step >= 0:
+        raise NonFiniteLossError(f"the training loss became NaN or infinite at epoch {epoch + 1}, "
+                                 f"step {int(bad_step) + 1}")
+    return stop > 0
+
+
+def reduce_totals(totals, runtime):
+    """The ranks' running sums added up, as plain numbers (seconds are this rank's)."""
+    sums = torch.stack([totals.loss_sum.float(), totals.correct.float(),
+                        torch.tensor(float(totals.images), device=runtime.device)])
+    loss_sum, correct, images = all_reduce_sum(sums, runtime).tolist()
+    return {"loss_sum": loss_sum, "correct": correct, "images": int(images), "seconds": totals.seconds}
+
+
+def summarize_epoch(totals, runtime):
+    sums = reduce_totals(totals, runtime)
+    images = max(sums["images"], 1)
+    return EpochResult(sums["loss_sum"] / images, sums["correct"] / images, sums["images"], sums["seconds"])
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    top1: float
+    top5: float
+    seconds: float
+
+
+def evaluate(model, loader, runtime, precision, tta=False):
+    """Test loss, top-1 and top-5 over the whole test set (all ranks' shards); `tta` averages with the flip."""
+    model.eval()
+    sums = torch.zeros(3, device=runtime.device)  # loss, top-1 hits, top-5 hits
+    images = 0
+    started = time.perf_counter()
+    with torch.inference_mode(), autocast(runtime.device, precision):
+        for batch, labels in loader:
+            logits = model(batch).float()
+            if tta:
+                logits = (logits + model(batch.flip(-1)).float()) / 2
+            top5 = logits.topk(5, dim=1).indices
+            sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
+                                 (top5[:, 0] == labels).sum().float(),
+                                 (top5 == labels[:, None]).any(1).sum().float()])
+            images += len(labels)
+    totals = torch.cat([sums, torch.tensor([float(images)], device=runtime.device)])
+    loss_sum, top1, top5, count = all_reduce_sum(totals, runtime).tolist()
+    model.train()
+    return EvalResult(loss_sum / count, top1 / count, top5 / count, time.perf_counter() - started)
+
+
+def make_criterion(label_smoothing=0.0):
+    return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+
+# ---- checkpoints ----
+
+
+def unwrap_model(model):
+    """The plain module under torch.compile and DistributedDataParallel, so saved keys have no prefixes."""
+    model = getattr(model, "_orig_mod", model)
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def atomic_write(path, data):
+    """Write bytes to a temporary file beside `path`, fsync, then rename: a crash leaves the old file whole."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except OSError as err:
+        temporary.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write {path}: {err.strerror or err}; "
+                              f"the previous {path.name}, if any, is untouched") from None
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)
+
+
+def checkpoint_bytes(checkpoint):
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    return buffer.getbuffer()
+
+
+def load_checkpoint(path):
+    """Load one of our checkpoints with weights_only=True; refuse anything else with a one-line reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty, not a checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"refusing {path}: it holds Python objects that weights_only loading forbids "
+                              f"(possibly code), or it is corrupt") from None
+    except Exception as err:  # truncated or garbage files fail in many ways inside torch.load
+        message = f"{type(err).__name__}: {err}".split(". ")[0][:160]
+        raise CheckpointError(f"{path} is not a readable checkpoint ({message})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a checkpoint written by this repo's train.py")
+    missing = CHECKPOINT_KEYS - set(checkpoint)
+    if missing:
+        raise CheckpointError(f"{path} is incomplete: it lacks {', '.join(sorted(missing))}")
+    return checkpoint
+
+
+def describe_model_config(config):
+    extras = "".join(f", {key}={value}" for key, value in sorted(config["kwargs"].items()))
+    return f"{config['name']} ({config['num_classes']} classes{extras})"
+
+
+def check_model_config(checkpoint, model_config, path):
+    if checkpoint["model_config"] != model_config:
+        raise CheckpointError(f"{path} holds a {describe_model_config(checkpoint['model_config'])}, "
+                              f"not the {describe_model_config(model_config)} asked for")
+
+
+def model_from_config(config):
+    return build_model(config["name"], config["num_classes"], **config["kwargs"])
+
+
+def load_model(path, device="cpu"):
+    """A trained model back from a checkpoint, in eval mode: `load_model("checkpoint/best.pt")`."""
+    checkpoint = load_checkpoint(path)
+    model = model_from_config(checkpoint["model_config"])
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval()
+
+
+# ---- random number generators ----
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+
+
+def capture_rng_state():
+    name, key, position, has_gauss, cached_gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(key.astype(np.int64)), position, has_gauss, cached_gauss],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_state(state):
+    random.setstate(state["python"])
+    name, key, position, has_gauss, cached_gauss = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng_states(runtime):
+    """Every rank's generator states, so each rank of a resumed torchrun run draws as it would have."""
+    state = capture_rng_state()
+    if not runtime.distributed:
+        return [state]
+    states = [None] * runtime.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+# ---- run records ----
+
+
+def write_metrics(path, rows):
+    """Rewrite the whole metrics CSV atomically, so it always matches the checkpoint it was written with."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=METRICS_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, text.getvalue().encode())
+
+
+def read_metrics(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# ---- a whole run ----
+
+
+@dataclass
+class RunState:
+    """Where a run stands; with the model, optimizer and schedule, what a checkpoint restores."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # steps of the next epoch already done, after an interrupt
+    epoch_totals: dict = None  # that partial epoch's running sums, added over ranks
+    best_top1: float = 0.0
+    history: list = field(default_factory=list)  # one metrics row per epoch
+
+
+@dataclass
+class Run:
+    model: nn.Module  # what trains: possibly under DistributedDataParallel and torch.compile
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    criterion: nn.Module
+    train_loader: object
+    test_loader: object
+    runtime: object
+    precision: str
+    epochs: int
+    tta: bool
+    checkpoint_dir: Path
+    model_config: dict
+    args: dict
+    early_stopping: EarlyStopping
+    state: RunState = field(default_factory=RunState)
+    interrupt: Interrupt = field(default_factory=Interrupt)
+    tensorboard: object = None
+
+
+def fit(run):
+    """Train until the last epoch, early stopping, or an interrupt; returns which of the three ended it."""
+    while run.state.epoch < run.epochs:
+        totals, stopped_at_step = train_one_epoch(
+            run.model, run.train_loader, run.optimizer, run.scheduler, run.criterion, run.state.epoch,
+            run.runtime, run.precision, run.state.step, resumed_totals(run), run.interrupt, run.runtime.is_main)
+        if stopped_at_step is not None:
+            run.state.step, run.state.epoch_totals = stopped_at_step, reduce_totals(totals, run.runtime)
+            save_checkpoint(run, ["last.pt"])
+            return "interrupted"
+        finish_epoch(run, summarize_epoch(totals, run.runtime))
+        if any_rank(run.interrupt.requested, run.runtime):
+            return "interrupted"
+        if run.early_stopping.should_stop:
+            return "early-stopped"
+    return "finished"
+
+
+def resumed_totals(run):
+    """The interrupted epoch's sums go to rank 0 alone, so that adding over ranks counts them once."""
+    if run.state.epoch_totals is None or not run.runtime.is_main:
+        return None
+    return EpochTotals.from_state(run.state.epoch_totals, run.runtime.device)
+
+
+def finish_epoch(run, train_result):
+    """Evaluate, record, print and checkpoint one finished epoch."""
+    evaluation = evaluate(unwrap_model(run.model), run.test_loader, run.runtime, run.precision, run.tta)
+    state = run.state
+    state.epoch, state.step, state.epoch_totals = state.epoch + 1, 0, None
+    is_best = evaluation.top1 > state.best_top1
+    state.best_top1 = max(state.best_top1, evaluation.top1)
+    run.early_stopping.update(evaluation.top1)
+    row = {"epoch": state.epoch, "epoch_seconds": round(train_result.seconds + evaluation.seconds, 3),
+           "train_seconds": round(train_result.seconds, 3), "images": train_result.images,
+           "train_loss": round(train_result.loss, 5), "train_top1": round(train_result.top1, 5),
+           "test_loss": round(evaluation.loss, 5), "test_top1": round(evaluation.top1, 5),
+           "test_top5": round(evaluation.top5, 5), "lr": current_lr(run.optimizer),
+           "images_per_sec": round(train_result.images_per_sec, 1), "best": int(is_best)}
+    state.history.append(row)
+    if run.runtime.is_main:
+        print(format_epoch_line(row, run.epochs), flush=True)
+    save_checkpoint(run, ["last.pt", "best.pt"] if is_best else ["last.pt"])
+    if run.runtime.is_main:
+        write_metrics(run.checkpoint_dir / "metrics.csv", state.history)
+        log_tensorboard(run.tensorboard, row)
+
+
+def format_epoch_line(row, epochs):
+    return (f"epoch {row['epoch']:>3}/{epochs} | {row['epoch_seconds']:6.1f}s | train loss {row['train_loss']:.4f} | "
+            f"test loss {row['test_loss']:.4f} | top-1 {100 * row['test_top1']:5.2f}% | "
+            f"top-5 {100 * row['test_top5']:5.2f}% | lr {row['lr']:.5f} | {row['images_per_sec']:,.0f} img/s"
+            + (" | new best" if row["best"] else ""))
+
+
+def log_tensorboard(writer, row):
+    if writer is None:
+        return
+    for key in ("train_loss", "train_top1", "test_loss", "test_top1", "test_top5", "lr", "images_per_sec"):
+        writer.add_scalar(key, row[key], row["epoch"])
+    writer.flush()
+
+
+def save_checkpoint(run, names):
+    """Write the run's whole state to each of `names` in the checkpoint folder (rank 0; all ranks must call)."""
+    rng_states = gather_rng_states(run.runtime)
+    if not run.runtime.is_main:
+        return
+    state = run.state
+    data = checkpoint_bytes({
+        "format": CHECKPOINT_FORMAT, "model_config": run.model_config,
+        "model": unwrap_model(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(), "epoch": state.epoch, "step": state.step,
+        "epoch_totals": state.epoch_totals, "best_top1": state.best_top1,
+        "early_stopping": run.early_stopping.state_dict(), "history": state.history, "args": run.args,
+        "rng": rng_states,
+    })
+    for name in names:
+        atomic_write(run.checkpoint_dir / name, data)
+
+
+def restore_run(run, checkpoint):
+    """Put a run back where `checkpoint` left it: weights, optimizer, schedule, counters and generators."""
+    unwrap_model(run.model).load_state_dict(checkpoint["model"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    load_scheduler_state(run.scheduler, checkpoint["scheduler"])
+    run.early_stopping.load_state_dict(checkpoint["early_stopping"])
+    run.state = RunState(checkpoint["epoch"], checkpoint["step"], checkpoint.get("epoch_totals"),
+                         checkpoint["best_top1"], list(checkpoint["history"]))
+    rng_states = checkpoint["rng"]
+    if len(rng_states) == run.runtime.world_size:
+        restore_rng_state(rng_states[run.runtime.rank])
+    else:  # another number of processes: draws cannot match the old run anyway, so only keep ranks apart
+        seed_everything(run.args["seed"] + 1000 * checkpoint["epoch"] + run.runtime.rank)
