@@ -110,9 +110,10 @@ def parse_args(argv=None):
     if args.preset:
         parser.set_defaults(**PRESETS[args.preset])
         args = parser.parse_args(argv)
-    for action in parser._actions:
+    explicit_parser = build_parser()  # the same flags with no defaults: what the user typed
+    for action in explicit_parser._actions:
         action.default = argparse.SUPPRESS
-    explicit = vars(parser.parse_args(argv))
+    explicit = vars(explicit_parser.parse_args(argv))
     if args.resume is not None and args.evaluate is not None:
         parser.error("--resume and --evaluate exclude each other")
     return args, explicit

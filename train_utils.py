@@ -165,7 +165,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, epoch, runti
     first_bad_step = torch.full((), -1, device=runtime.device)
     sync_every = max(1, loader.steps_per_epoch // SYNC_POINTS_PER_EPOCH)
     bar = tqdm(total=loader.steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}", leave=False,
-               disable=not show_progress, dynamic_ncols=True)
+               disable=None if show_progress else True, dynamic_ncols=True)  # None: only on a terminal
     started, images_at_start = time.perf_counter(), totals.images
     stopped_at_step = None
     for step, (images, labels) in enumerate(loader.batches(epoch, start_step), start_step):
@@ -462,7 +462,7 @@ def finish_epoch(run, train_result):
     evaluation = evaluate(unwrap_model(run.model), run.test_loader, run.runtime, run.precision, run.tta)
     state = run.state
     state.epoch, state.step, state.epoch_totals = state.epoch + 1, 0, None
-    is_best = evaluation.top1 > state.best_top1
+    is_best = not state.history or evaluation.top1 > state.best_top1
     state.best_top1 = max(state.best_top1, evaluation.top1)
     run.early_stopping.update(evaluation.top1)
     row = {"epoch": state.epoch, "epoch_seconds": round(train_result.seconds + evaluation.seconds, 3),

@@ -54,3 +54,32 @@ def run_train(*args, cwd=None, timeout=300, **popen_kwargs):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
     return subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, args)], cwd=cwd or REPO,
                           capture_output=True, text=True, timeout=timeout, env=env, **popen_kwargs)
+
+
+@pytest.fixture
+def train_main():
+    """train.main called in-process (fast: no interpreter start); restores the signal handlers it installs."""
+    import signal
+
+    import train
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield train.main
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+def tiny_run_args(cifar_dir, checkpoint_dir, *extra):
+    return [*TINY_MODEL, "--data-dir", str(cifar_dir), "--checkpoint-dir", str(checkpoint_dir), "--no-download",
+            "--batch-size", "16", *map(str, extra)]
+
+
+def load_weights(path):
+    import torch
+    return torch.load(path, weights_only=True)["model"]
+
+
+def assert_same_weights(first, second):
+    import torch
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key

@@ -1,0 +1,194 @@
+"""train.py as users run it: flags, outputs, resume, evaluation and the errors they can cause."""
+import os
+import resource
+
+import pytest
+import torch
+
+from conftest import assert_same_weights, load_weights, run_train, tiny_run_args
+from train_utils import load_checkpoint, read_metrics
+
+
+@pytest.mark.parametrize("flags", [
+    ["--batch-size", "-1"], ["--batch-size", "0"], ["--lr", "0"], ["--lr", "-0.1"], ["--base-lr", "nan"],
+    ["--epochs", "0"], ["--target-accuracy", "1.5"], ["--target-accuracy", "0"], ["--model", "vgg16"],
+    ["--momentum", "1"], ["--weight-decay", "-1"], ["--label-smoothing", "1"], ["--patience", "0"],
+    ["--depth", "4"], ["--dropout", "inf"], ["--workers", "0"], ["--precision", "fp16"], ["--seed", "x"],
+    ["--resume", "--evaluate"],
+])
+def test_bad_flags_exit_2_with_a_message(train_main, capsys, flags):
+    with pytest.raises(SystemExit) as exited:
+        train_main(flags)
+    assert exited.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_end_to_end_run_writes_checkpoints_and_metrics(cifar_dir, tmp_path):
+    result = run_train("--epochs", "1", "--batch-size", "16", "--data-dir", cifar_dir, "--no-download",
+                       "--checkpoint-dir", tmp_path / "ckpt")
+    assert result.returncode == 0, result.stderr
+    assert "resnet18 (100 classes): 11.2M parameters" in result.stdout
+    epoch_line = next(line for line in result.stdout.splitlines() if line.startswith("epoch"))
+    for part in ("1/1", "train loss", "test loss", "top-1", "top-5", "lr", "img/s", "new best"):
+        assert part in epoch_line
+    assert "best top-1" in result.stdout and "img/s overall" in result.stdout
+    checkpoint = load_checkpoint(tmp_path / "ckpt" / "last.pt")
+    assert checkpoint["epoch"] == 1 and checkpoint["model_config"]["name"] == "resnet18"
+    assert (tmp_path / "ckpt" / "best.pt").is_file()
+    rows = read_metrics(tmp_path / "ckpt" / "metrics.csv")
+    assert len(rows) == 1 and float(rows[0]["images_per_sec"]) > 0 and rows[0]["images"] == "64"
+
+
+def test_two_epochs_equal_one_epoch_plus_resume(train_main, cifar_dir, tmp_path):
+    assert train_main(tiny_run_args(cifar_dir, tmp_path / "straight", "--epochs", "2")) == 0
+    # Early stopping at a target any epoch reaches ends the first run after one epoch of the 2-epoch schedule.
+    split = tmp_path / "split"
+    assert train_main(tiny_run_args(cifar_dir, split, "--epochs", "2", "--target-accuracy", "0.01",
+                                    "--patience", "1")) == 0
+    assert load_checkpoint(split / "last.pt")["epoch"] == 1
+    assert train_main(tiny_run_args(cifar_dir, split, "--resume", "--target-accuracy", "1.0")) == 0
+    straight, resumed = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(split / "last.pt")
+    assert resumed["epoch"] == 2
+    assert_same_weights(straight["model"], resumed["model"])
+    assert straight["optimizer"]["param_groups"][0]["lr"] == resumed["optimizer"]["param_groups"][0]["lr"]
+    assert [row["test_top1"] for row in straight["history"]] == [row["test_top1"] for row in resumed["history"]]
+
+
+def test_seeded_cpu_runs_repeat_exactly(train_main, cifar_dir, tmp_path):
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        assert train_main(tiny_run_args(cifar_dir, tmp_path / name, "--epochs", "1", "--seed", seed)) == 0
+    assert_same_weights(load_weights(tmp_path / "a" / "last.pt"), load_weights(tmp_path / "b" / "last.pt"))
+    a, c = load_weights(tmp_path / "a" / "last.pt"), load_weights(tmp_path / "c" / "last.pt")
+    assert not torch.equal(a["fc.weight"], c["fc.weight"])
+
+
+def test_evaluate_reports_the_accuracy_stored_in_best_pt(train_main, cifar_dir, tmp_path, capsys):
+    assert train_main(tiny_run_args(cifar_dir, tmp_path / "ckpt", "--epochs", "2")) == 0
+    stored = load_checkpoint(tmp_path / "ckpt" / "best.pt")["best_top1"]
+    capsys.readouterr()
+    assert train_main(["--evaluate", "--checkpoint-dir", str(tmp_path / "ckpt"), "--data-dir", str(cifar_dir),
+                       "--no-download"]) == 0
+    out = capsys.readouterr().out
+    assert f"top-1 {100 * stored:.2f}%" in out and f"stored best top-1 {100 * stored:.2f}%" in out
+
+
+def test_resume_with_no_checkpoint_is_an_error_not_a_fresh_start(train_main, cifar_dir, tmp_path, capsys):
+    assert train_main(tiny_run_args(cifar_dir, tmp_path / "ckpt", "--resume")) == 1
+    assert "error: no checkpoint at" in capsys.readouterr().err
+    assert not (tmp_path / "ckpt" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "resnet18"], "trained with --model wideresnet; refusing --model resnet18"),
+    (["--widen-factor", "2"], "refusing --widen-factor 2"),
+    (["--batch-size", "32"], "refusing --batch-size 32"),
+    (["--lr", "0.5"], "refusing --lr 0.5"),
+])
+def test_resume_refuses_flags_that_contradict_the_checkpoint(train_main, cifar_dir, tmp_path, capsys, flags,
+                                                             message):
+    assert train_main(tiny_run_args(cifar_dir, tmp_path / "ckpt", "--epochs", "1")) == 0
+    before = (tmp_path / "ckpt" / "last.pt").read_bytes()
+    assert train_main(["--resume", "--checkpoint-dir", str(tmp_path / "ckpt"), "--data-dir", str(cifar_dir),
+                       *flags]) == 1
+    assert message in capsys.readouterr().err
+    assert (tmp_path / "ckpt" / "last.pt").read_bytes() == before
+
+
+def test_resume_may_extend_the_epochs(train_main, cifar_dir, tmp_path):
+    assert train_main(tiny_run_args(cifar_dir, tmp_path / "ckpt", "--epochs", "1")) == 0
+    assert train_main(["--resume", "--epochs", "3", "--checkpoint-dir", str(tmp_path / "ckpt"),
+                       "--data-dir", str(cifar_dir)]) == 0
+    checkpoint = load_checkpoint(tmp_path / "ckpt" / "last.pt")
+    assert checkpoint["epoch"] == 3 and len(read_metrics(tmp_path / "ckpt" / "metrics.csv")) == 3
+
+
+def test_a_new_run_will_not_overwrite_an_existing_one(train_main, cifar_dir, tmp_path, capsys):
+    assert train_main(tiny_run_args(cifar_dir, tmp_path / "ckpt", "--epochs", "1")) == 0
+    before = (tmp_path / "ckpt" / "last.pt").read_bytes()
+    assert train_main(tiny_run_args(cifar_dir, tmp_path / "ckpt", "--epochs", "1")) == 1
+    assert "last.pt exists: continue it with --resume" in capsys.readouterr().err
+    assert (tmp_path / "ckpt" / "last.pt").read_bytes() == before
+
+
+def test_missing_data_without_network_is_one_clear_line(tmp_path):
+    result = run_train("--data-dir", tmp_path / "nowhere", "--no-download", "--checkpoint-dir", tmp_path / "ckpt")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: CIFAR-100 not found: put cifar-100-python.tar.gz or its extracted cifar-100-python/ folder in "
+        f"{tmp_path / 'nowhere'} (or allow the download: drop --no-download)"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "foreign"])
+def test_resume_from_a_damaged_checkpoint_is_refused_and_it_is_kept(train_main, cifar_dir, tmp_path, capsys,
+                                                                    damage):
+    path = tmp_path / "ckpt" / "last.pt"
+    assert train_main(tiny_run_args(cifar_dir, tmp_path / "ckpt", "--epochs", "1")) == 0
+    if damage == "foreign":
+        torch.save(load_weights(path), path)  # a bare state_dict, as other repos save
+    else:
+        data = path.read_bytes()
+        path.write_bytes({"truncated": data[: len(data) // 3], "empty": b"", "garbage": os.urandom(5000)}[damage])
+    damaged = path.read_bytes()
+    capsys.readouterr()
+    assert train_main(tiny_run_args(cifar_dir, tmp_path / "ckpt", "--resume")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and str(path) in err[0]
+    assert path.read_bytes() == damaged
+
+
+def unwritable_folder(tmp_path):
+    """A folder this process cannot create files in; root ignores permission bits, but not sysfs."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return "/sys/kernel" if os.access(folder, os.W_OK) else folder
+
+
+def test_an_unwritable_checkpoint_folder_is_reported_before_training(train_main, cifar_dir, tmp_path, capsys):
+    folder = unwritable_folder(tmp_path)
+    assert train_main(tiny_run_args(cifar_dir, folder, "--epochs", "1")) == 1
+    captured = capsys.readouterr()
+    assert f"error: checkpoint folder {folder} is not writable" in captured.err
+    assert "epoch" not in captured.out
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(cifar_dir, tmp_path):
+    assert run_train(*tiny_run_args(cifar_dir, tmp_path / "ckpt", "--epochs", "1")).returncode == 0
+    size = (tmp_path / "ckpt" / "last.pt").stat().st_size
+
+    def limit_file_size():  # the OS refuses writes past this size: the next checkpoint cannot be written
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
+
+    result = run_train(*tiny_run_args(cifar_dir, tmp_path / "ckpt", "--resume", "--epochs", "2"),
+                       preexec_fn=limit_file_size)
+    assert result.returncode == 1
+    assert "error: could not write" in result.stderr and "the previous last.pt, if any, is untouched" in result.stderr
+    assert load_checkpoint(tmp_path / "ckpt" / "last.pt")["epoch"] == 1
+    assert not [p for p in (tmp_path / "ckpt").iterdir() if ".tmp" in p.name]
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(train_main, cifar_dir, tmp_path, capsys,
+                                                                     monkeypatch):
+    import train
+    real_criterion, calls = train.make_criterion(), []
+
+    def poisoned(logits, labels):  # finite for epoch 1 (4 steps), NaN from epoch 2, step 2
+        calls.append(1)
+        loss = real_criterion(logits, labels)
+        return loss * float("nan") if len(calls) >= 6 else loss
+
+    monkeypatch.setattr(train, "make_criterion", lambda label_smoothing: poisoned)
+    assert train_main(tiny_run_args(cifar_dir, tmp_path / "ckpt", "--epochs", "3")) == 1
+    err = capsys.readouterr().err
+    assert "NaN or infinite at epoch 2, step 2" in err and "last good checkpoint" in err
+    assert load_checkpoint(tmp_path / "ckpt" / "last.pt")["epoch"] == 1
+    best = load_weights(tmp_path / "ckpt" / "best.pt")
+    assert all(torch.isfinite(value).all() for value in best.values() if value.is_floating_point())
+    assert len(read_metrics(tmp_path / "ckpt" / "metrics.csv")) == 1
+
+
+def test_the_fast_preset_sets_its_recipe_and_flags_still_win():
+    from train import parse_args
+    args, explicit = parse_args(["--preset", "fast", "--epochs", "12"])
+    assert (args.batch_size, args.lr, args.nesterov, args.label_smoothing, args.tta) == (512, 0.4, True, 0.1, True)
+    assert args.epochs == 12 and explicit == {"preset": "fast", "epochs": 12}
