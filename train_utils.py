@@ -157,6 +157,18 @@ class EpochResult:
         return self.images / max(self.seconds, 1e-9)
 
 
+def train_step(model, images, labels, optimizer, scheduler, criterion, device, precision):
+    """One SGD step; returns the logits and the loss, still on the device."""
+    with autocast(device, precision):
+        logits = model(images)
+        loss = criterion(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return logits, loss
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, criterion, epoch, runtime, precision, start_step=0,
                     totals=None, interrupt=None, show_progress=True):
     """Train one epoch from `start_step`; returns (totals, stopped_at_step), the step set only when interrupted."""
@@ -169,13 +181,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, epoch, runti
     started, images_at_start = time.perf_counter(), totals.images
     stopped_at_step = None
     for step, (images, labels) in enumerate(loader.batches(epoch, start_step), start_step):
-        with autocast(runtime.device, precision):
-            logits = model(images)
-            loss = criterion(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        logits, loss = train_step(model, images, labels, optimizer, scheduler, criterion, runtime.device, precision)
         totals.loss_sum += loss.detach().float() * len(labels)
         totals.correct += (logits.argmax(1) == labels).sum()
         totals.images += len(labels)

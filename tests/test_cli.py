@@ -192,3 +192,15 @@ def test_the_fast_preset_sets_its_recipe_and_flags_still_win():
     args, explicit = parse_args(["--preset", "fast", "--epochs", "12"])
     assert (args.batch_size, args.lr, args.nesterov, args.label_smoothing, args.tta) == (512, 0.4, True, 0.1, True)
     assert args.epochs == 12 and explicit == {"preset": "fast", "epochs": 12}
+
+
+def test_sync_bn_on_the_cpu_is_a_clear_error(train_main, cifar_dir, tmp_path, capsys):
+    assert train_main(tiny_run_args(cifar_dir, tmp_path / "ckpt", "--sync-bn")) == 1
+    assert "error: --sync-bn needs CUDA GPUs" in capsys.readouterr().err
+
+
+def test_asking_for_a_missing_device_is_a_clear_error(train_main, cifar_dir, tmp_path, capsys):
+    assert train_main(tiny_run_args(cifar_dir, tmp_path / "ckpt", "--device", "cuda:99")) == 1
+    assert "error: device 'cuda:99' was asked for, but" in capsys.readouterr().err
+    assert train_main(tiny_run_args(cifar_dir, tmp_path / "ckpt", "--device", "tpu")) == 1
+    assert "error: unknown device 'tpu'" in capsys.readouterr().err
