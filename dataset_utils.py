@@ -202,19 +202,19 @@ class AugmentationPlan:
 def plan_epoch(num_images, steps, seed, epoch, device):
     """Draw an epoch's plan on the CPU, so a seed gives the same run on every device, then move it once."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    plan = AugmentationPlan(
-        order=torch.randperm(num_images, generator=generator),
-        crop_offsets=torch.randint(0, 2 * CROP_PADDING + 1, (num_images, 2), generator=generator),
-        flip=torch.rand(num_images, generator=generator) < 0.5,
-        degrees=(torch.rand(num_images, generator=generator) * 2 - 1) * MAX_ROTATION_DEGREES,
-        jitter_factors=1 + (torch.rand(num_images, 3, generator=generator) * 2 - 1) * JITTER_STRENGTH,
-        jitter_order=torch.stack([torch.randperm(3, generator=generator) for _ in range(steps)]),
-    )
-    plan.order, plan.crop_offsets, plan.flip, plan.degrees, plan.jitter_factors = (
-        t.to(device, non_blocking=True)
-        for t in (plan.order, plan.crop_offsets, plan.flip, plan.degrees, plan.jitter_factors)
-    )
-    return plan
+    order = torch.randperm(num_images, generator=generator)
+    crop_offsets = torch.randint(0, 2 * CROP_PADDING + 1, (num_images, 2), generator=generator)
+    flip = torch.rand(num_images, generator=generator) < 0.5
+    degrees = (torch.rand(num_images, generator=generator) * 2 - 1) * MAX_ROTATION_DEGREES
+    jitter_factors = 1 + (torch.rand(num_images, 3, generator=generator) * 2 - 1) * JITTER_STRENGTH
+    jitter_order = torch.stack([torch.randperm(3, generator=generator) for _ in range(steps)])
+
+    def to_device(tensor):
+        return tensor.to(device, non_blocking=True)
+
+    # jitter_order stays on the CPU: it picks which ops run, and reading it from a GPU would sync every batch.
+    return AugmentationPlan(to_device(order), to_device(crop_offsets), to_device(flip), to_device(degrees),
+                            to_device(jitter_factors), jitter_order)
 
 
 def augment(images, plan, positions, jitter_order):

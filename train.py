@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from dataset_utils import NUM_CLASSES, DataError, load_cifar100
+from dataset_utils import NUM_CLASSES, DataError, EvalLoader, load_cifar100, read_cifar100
 from device_utils import DeviceError, distribute_model, resolve_precision, setup_runtime, teardown_runtime
 from train_utils import (CheckpointError, EarlyStopping, NonFiniteLossError, Run, atomic_write, check_model_config,
                          describe_model_config, evaluate, fit, load_checkpoint, make_criterion, make_optimizer,
-                         make_scheduler, model_from_config, restore_run, seed_everything)
+                         make_scheduler, model_from_checkpoint, model_from_config, restore_run,
+                         seed_everything)
 
 USER_ERRORS = (CheckpointError, DataError, DeviceError, NonFiniteLossError)
 
@@ -273,11 +274,10 @@ def evaluate_checkpoint(args, explicit, runtime):
     checkpoint = load_checkpoint(path)
     if {"model", "depth", "widen_factor", "dropout"} & set(explicit):
         check_model_config(checkpoint, model_config_from(args), path)
-    model = model_from_config(checkpoint["model_config"])
-    model.load_state_dict(checkpoint["model"])
-    model = model.to(runtime.device, memory_format=torch.channels_last)
-    _, test_loader = load_cifar100(checkpoint["args"]["batch_size"], args.data_dir, not args.no_download,
-                                   runtime.device, 0, runtime.rank, runtime.world_size, args.test_batch_size)
+    model = model_from_checkpoint(checkpoint, runtime.device)
+    arrays = read_cifar100(args.data_dir, not args.no_download)
+    test_loader = EvalLoader(arrays.test_images.to(runtime.device), arrays.test_labels.to(runtime.device),
+                             args.test_batch_size, runtime.rank, runtime.world_size)
     tta = explicit.get("tta", checkpoint["args"].get("tta", False))
     result = evaluate(model, test_loader, runtime, resolve_precision(runtime.device, args.precision), tta)
     if runtime.is_main:

@@ -340,12 +340,16 @@ def model_from_config(config):
     return build_model(config["name"], config["num_classes"], **config["kwargs"])
 
 
-def load_model(path, device="cpu"):
-    """A trained model back from a checkpoint, in eval mode: `load_model("checkpoint/best.pt")`."""
-    checkpoint = load_checkpoint(path)
+def model_from_checkpoint(checkpoint, device="cpu"):
+    """The checkpoint's model with its weights, on `device`, channels_last, in eval mode."""
     model = model_from_config(checkpoint["model_config"])
     model.load_state_dict(checkpoint["model"])
-    return model.to(device).eval()
+    return model.to(device, memory_format=torch.channels_last).eval()
+
+
+def load_model(path, device="cpu"):
+    """A trained model back from a checkpoint, in eval mode: `load_model("checkpoint/best.pt")`."""
+    return model_from_checkpoint(load_checkpoint(path), device)
 
 
 # ---- random number generators ----
