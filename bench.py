@@ -1,11 +1,16 @@
-"""Throughput benchmark: the bare training step, whole training epochs, the test pass, augmentation alone.
+"""Throughput benchmark of what train.py runs: the training step, whole epochs, the test pass, augmentation.
 
-    python bench.py                                   # GPU: ResNet18 and WRN-28-10, batch 128 and 512, full size
+    python bench.py                                   # GPU: ResNet18 at batch 128 and 512
+    python bench.py --models wideresnet --batch-sizes 512
     python bench.py --device cpu --models resnet18 --batch-sizes 32 --train-images 256 --test-images 256
 
-Every figure is the median of --repeats timed runs after a warm-up, on random uint8 data
-held on the device (never zeros, which can run faster than real data). The epoch runs
-the same TrainLoader and train_one_epoch that train.py uses.
+Each configuration builds the model, the TrainLoader and the training step exactly as train.py
+does (on CUDA the step is replayed as a CUDA graph unless --no-cuda-graphs), on random uint8
+data held on the device (never zeros, which can run faster than real data). It prints the
+set-up time, the first epoch (cudnn tuning and graph capture included) and the capture alone,
+then min / median / max over --repeats of the steady epoch, the bare step on one fixed batch
+(the ceiling), augmentation alone and the test pass. A row whose spread exceeds 10 % of its
+median is flagged: the machine was busy, so compare it with care.
 """
 import argparse
 import statistics
@@ -13,17 +18,17 @@ import time
 
 import torch
 
-from dataset_utils import EvalLoader, TrainLoader
-from device_utils import Runtime, get_device, resolve_precision, synchronize
+from dataset_utils import EvalLoader, TrainLoader, plan_epoch
+from device_utils import Runtime, get_device, input_dtype, resolve_precision, synchronize
 from model import build_model
-from train_utils import evaluate, make_criterion, make_optimizer, make_scheduler, train_one_epoch, train_step
+from train_utils import evaluate, make_criterion, make_optimizer, make_scheduler, make_train_step, train_one_epoch
 
 MODEL_KWARGS = {"resnet18": {}, "wideresnet": {"depth": 28, "widen_factor": 10}}
+NOISY_SPREAD = 0.10
 
 
-def timed(device, work, repeats):
-    """Median seconds of `work()` over `repeats` runs, after one untimed warm-up run."""
-    work()
+def time_runs(device, work, repeats):
+    """Seconds of each of `repeats` runs of `work()`, the device synchronised around each."""
     seconds = []
     for _ in range(repeats):
         synchronize(device)
@@ -31,7 +36,12 @@ def timed(device, work, repeats):
         work()
         synchronize(device)
         seconds.append(time.perf_counter() - started)
-    return statistics.median(seconds)
+    return seconds
+
+
+def spread(seconds):
+    """(min, median, max) of a list of times."""
+    return min(seconds), statistics.median(seconds), max(seconds)
 
 
 def random_images(count, device, seed=0):
@@ -41,55 +51,71 @@ def random_images(count, device, seed=0):
 
 
 def bench_one(name, batch_size, precision, args, device):
+    torch.compiler.reset()  # a second configuration must not reuse (or recompile into) the first one's graphs
     runtime = Runtime(device)
+    started = time.perf_counter()
     torch.manual_seed(0)
     model = build_model(name, **MODEL_KWARGS[name]).to(device, memory_format=torch.channels_last)
+    training_model = torch.compile(model) if args.compile else model
+    loader = TrainLoader(*random_images(args.train_images, device), batch_size, dtype=input_dtype(precision))
+    test_loader = EvalLoader(*random_images(args.test_images, device, seed=1), args.test_batch_size,
+                             dtype=input_dtype(precision))
     optimizer = make_optimizer(model, lr=0.01, nesterov=True)
-    loader = TrainLoader(*random_images(args.train_images, device), batch_size)
-    scheduler = make_scheduler(optimizer, 0.01, (args.repeats + 2) * (loader.steps_per_epoch + args.steps))
-    training_model = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None) \
-        if args.compile else model
-    criterion = make_criterion(0.1)
-    step_images = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
-    step_labels = torch.randint(0, 100, (batch_size,), device=device)
+    total_steps = (args.repeats + 1) * loader.steps_per_epoch + args.repeats * args.steps + 1
+    scheduler = make_scheduler(optimizer, 0.01, total_steps)
+    step = make_train_step(training_model, optimizer, make_criterion(0.1), runtime, precision,
+                           cuda_graphs=not args.no_cuda_graphs)
+    synchronize(device)
+    setup_seconds = time.perf_counter() - started
+
+    def epoch():
+        train_one_epoch(step, loader, scheduler, 0, runtime, show_progress=False)
+
+    fixed_images, fixed_labels = next(loader.batches(1))
+    fixed_images = fixed_images.clone()
 
     def bare_steps():
         for _ in range(args.steps):
-            train_step(training_model, step_images, step_labels, optimizer, scheduler, criterion, device, precision)
+            step(fixed_images, fixed_labels)
+            scheduler.step()
 
-    def epoch():
-        train_one_epoch(training_model, loader, optimizer, scheduler, criterion, 0, runtime, precision,
-                        show_progress=False)
-
-    def augmentation():
-        for images, _ in loader.batches(0):
-            pass
-
-    test_loader = EvalLoader(*random_images(args.test_images, device, seed=1), batch_size=args.test_batch_size)
-    step_per_sec = args.steps * batch_size / timed(device, bare_steps, args.repeats)
-    epoch_per_sec = loader.steps_per_epoch * batch_size / timed(device, epoch, args.repeats)
-    augment_per_sec = loader.steps_per_epoch * batch_size / timed(device, augmentation, args.repeats)
-    test_seconds = timed(device, lambda: evaluate(model, test_loader, runtime, precision), args.repeats)
-    return {"model": name, "precision": precision, "batch": batch_size, "step_img_s": step_per_sec,
-            "epoch_img_s": epoch_per_sec, "epoch_s": args.train_images / epoch_per_sec,
-            "ratio": epoch_per_sec / step_per_sec, "augment_img_s": augment_per_sec, "test_s": test_seconds}
+    plan = plan_epoch(len(loader.images), loader.steps_per_epoch, 0, 0, device)
+    (first_epoch_seconds,) = time_runs(device, epoch, 1)
+    epoch_seconds = time_runs(device, epoch, args.repeats)
+    step_seconds = time_runs(device, bare_steps, args.repeats)
+    augment_seconds = time_runs(device, lambda: loader.augment_epoch(plan), args.repeats)
+    test_seconds = time_runs(device, lambda: evaluate(model, test_loader, runtime, precision), args.repeats)
+    epoch_images = loader.steps_per_epoch * batch_size
+    return {"model": name, "precision": precision, "batch": batch_size, "step": step.kind,
+            "setup_s": setup_seconds, "first_epoch_s": first_epoch_seconds, "capture_s": step.setup_seconds,
+            "epoch_s": spread(epoch_seconds), "epoch_img_s": epoch_images / statistics.median(epoch_seconds),
+            "step_img_s": args.steps * batch_size / statistics.median(step_seconds),
+            "augment_img_s": epoch_images / statistics.median(augment_seconds), "test_s": spread(test_seconds),
+            "noisy": any(noisy(times) for times in (epoch_seconds, step_seconds, test_seconds))}
 
 
-def format_table(rows, train_images, test_images):
-    lines = [f"| model | precision | batch | step img/s (ceiling) | epoch img/s | s per {train_images:,}-image "
-             f"epoch | epoch/ceiling | augmentation img/s | s per {test_images:,}-image test pass |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        lines.append(f"| {row['model']} | {row['precision']} | {row['batch']} | {row['step_img_s']:,.0f} | "
-                     f"{row['epoch_img_s']:,.0f} | {row['epoch_s']:.2f} | {row['ratio']:.2f} | "
-                     f"{row['augment_img_s']:,.0f} | {row['test_s']:.3f} |")
-    return "\n".join(lines)
+def noisy(seconds):
+    low, median, high = spread(seconds)
+    return (high - low) > NOISY_SPREAD * median
+
+
+HEADER = ("| model | precision | batch | step | set-up s | first epoch s (capture s) | epoch s min / median / max | "
+          "epoch img/s | step img/s (ceiling) | epoch/ceiling | augmentation img/s | test pass s min / median / max |")
+
+
+def format_row(row):
+    epoch, test = row["epoch_s"], row["test_s"]
+    return (f"| {row['model']} | {row['precision']} | {row['batch']} | {row['step']} | {row['setup_s']:.1f} | "
+            f"{row['first_epoch_s']:.2f} ({row['capture_s']:.2f}) | {epoch[0]:.3f} / {epoch[1]:.3f} / {epoch[2]:.3f} | "
+            f"{row['epoch_img_s']:,.0f} | {row['step_img_s']:,.0f} | {row['epoch_img_s'] / row['step_img_s']:.2f} | "
+            f"{row['augment_img_s']:,.0f} | {test[0]:.3f} / {test[1]:.3f} / {test[2]:.3f} |"
+            + (" spread > 10 %: busy machine?" if row["noisy"] else ""))
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--models", default="resnet18,wideresnet", help="comma-separated")
+    parser.add_argument("--models", default="resnet18", help="comma-separated: resnet18, wideresnet")
     parser.add_argument("--batch-sizes", default="128,512", help="comma-separated")
     parser.add_argument("--precisions", default="auto", help="comma-separated: auto, bf16, fp32")
     parser.add_argument("--train-images", type=int, default=50_000)
@@ -97,7 +123,8 @@ def parse_args(argv=None):
     parser.add_argument("--test-batch-size", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=50, help="bare training steps per timed run")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model as well")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="eager steps on CUDA")
     return parser.parse_args(argv)
 
 
@@ -105,17 +132,18 @@ def main(argv=None):
     args = parse_args(argv)
     device = get_device(args.device)
     torch.backends.cudnn.benchmark = True
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{device.type}, {torch.get_num_threads()} threads"
+    print(f"{device_name}, torch {torch.__version__}{', compiled' if args.compile else ''}; "
+          f"{args.train_images:,}-image epochs, {args.test_images:,}-image test pass, {args.repeats} timed runs each\n")
+    print(HEADER)
+    print("|" + "---|" * (HEADER.count("|") - 1), flush=True)
     rows = []
     for name in args.models.split(","):
         for precision in args.precisions.split(","):
             for batch_size in map(int, args.batch_sizes.split(",")):
                 rows.append(bench_one(name, batch_size, resolve_precision(device, precision), args, device))
-                print(format_table(rows[-1:], args.train_images, args.test_images).splitlines()[-1], flush=True)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type}, " \
-        f"{torch.get_num_threads()} threads"
-    print(f"\n{device_name}, torch {torch.__version__}{', compiled' if args.compile else ''}; "
-          f"medians of {args.repeats} runs\n")
-    print(format_table(rows, args.train_images, args.test_images))
+                print(format_row(rows[-1]), flush=True)
     return rows
 
 

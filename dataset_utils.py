@@ -6,16 +6,22 @@ generator seeded by (seed, epoch), so batches come out with no Python per-image 
 DataLoader workers, and the same plan on every device; a run resumed mid-epoch sees
 exactly the batches it would have seen.
 """
+import contextlib
 import functools
+import hashlib
 import math
+import os
+import pickle
+import shutil
+import sys
 import tarfile
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.datasets import CIFAR100
-from torchvision.datasets.utils import download_and_extract_archive
 
 NUM_CLASSES = 100
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
@@ -24,33 +30,52 @@ CROP_PADDING = 4
 MAX_ROTATION_DEGREES = 15.0
 JITTER_STRENGTH = 0.2  # brightness, contrast and saturation factors are drawn from [0.8, 1.2]
 GRAYSCALE_WEIGHTS = (0.2989, 0.587, 0.114)  # the weights torchvision's rgb_to_grayscale uses
+IMAGE_SIZE = 32
+# Images augmented per call: large enough that an epoch takes a handful of calls, small enough that the
+# float32 intermediates (about 60 KB an image at their peak) stay near 1 GB.
+AUGMENT_CHUNK_IMAGES = 16_384
+VALIDATION_SEED = 20_231_117
 
 
 class DataError(RuntimeError):
     """The data set is missing, unreadable or not in the CIFAR-100 layout."""
 
 
-class CIFAR100Folder(CIFAR100):
-    """torchvision's CIFAR100 reader, checking files exist instead of their md5 sums.
-
-    The md5 sums are those of the official files, so they would refuse the small folders
-    the tests generate; the downloaded archive is still checked against its md5, and
-    `read_cifar100` checks the structure of what was read.
-    """
-
-    train_list = [["train", None]]
-    test_list = [["test", None]]
-    meta = {**CIFAR100.meta, "md5": None}
-
-    def _load_meta(self):
-        try:
-            super()._load_meta()
-        except Exception as err:  # a corrupt pickle can raise almost anything
-            raise DataError(f"{meta_path(self.root)}: unreadable CIFAR-100 meta file ({describe(err)})") from None
+# The official python-version archive (about 161 MB) and the folder it unpacks to.
+ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+ARCHIVE_NAME = "cifar-100-python.tar.gz"
+ARCHIVE_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+FOLDER_NAME = "cifar-100-python"
+SPLIT_FILES = ("train", "test", "meta")
 
 
-def meta_path(root):
-    return Path(root) / CIFAR100.base_folder / CIFAR100.meta["filename"]
+class DataError(RuntimeError):
+    """The data set is missing, unreadable or not in the CIFAR-100 layout."""
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what CIFAR-100's files hold (dicts, lists, strings, numbers, numpy arrays): a file that
+    asks for anything else, such as a function to call, is refused instead of run."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a CIFAR-100 file never holds")
+        return super().find_class(module, name)
+
+
+def unpickle(path, what):
+    """The dict in one of the data set's pickles (written by Python 2, hence latin1)."""
+    try:
+        with open(path, "rb") as handle:
+            entry = CifarUnpickler(handle, encoding="latin1").load()
+    except Exception as err:  # a corrupt pickle can raise almost anything
+        raise DataError(f"{path}: unreadable CIFAR-100 {what} ({describe(err)})") from None
+    if not isinstance(entry, dict):
+        raise DataError(f"{path}: unreadable CIFAR-100 {what} (it holds a {type(entry).__name__}, not a dict)")
+    return entry
 
 
 def describe(err):
@@ -69,52 +94,80 @@ class CifarArrays:
 
 
 def read_cifar100(data_dir, download=True):
-    """Read `data_dir/cifar-100-python/{train,test,meta}`, fetching the archive first if allowed."""
+    """Read `data_dir/cifar-100-python/{train,test,meta}`, unpacking or downloading the archive first if need be."""
     root = Path(data_dir)
-    folder = root / CIFAR100.base_folder
-    archive = root / CIFAR100.filename
-    if not all((folder / name).is_file() for name in ("train", "test", "meta")):
-        if not (download or archive.is_file()):
-            raise DataError(
-                f"CIFAR-100 not found: put {CIFAR100.filename} or its extracted {CIFAR100.base_folder}/ "
-                f"folder in {root.resolve()} (or allow the download: drop --no-download)"
-            )
-        fetch_archive(root)
-    train_images, train_labels, _ = read_split(root, train=True)
-    test_images, test_labels, classes = read_split(root, train=False)
-    if len(classes) != NUM_CLASSES:
-        raise DataError(f"{meta_path(root)}: expected {NUM_CLASSES} class names, found {len(classes)}")
+    folder = root / FOLDER_NAME
+    if not all((folder / name).is_file() for name in SPLIT_FILES):
+        fetch_archive(root, download)
+    train_images, train_labels = read_split(folder / "train")
+    test_images, test_labels = read_split(folder / "test")
+    classes = unpickle(folder / "meta", "meta file").get("fine_label_names")
+    if not isinstance(classes, list) or len(classes) != NUM_CLASSES:
+        raise DataError(f"{folder / 'meta'}: expected {NUM_CLASSES} fine class names")
     return CifarArrays(train_images, train_labels, test_images, test_labels, classes)
 
 
-def fetch_archive(root):
-    """Download (unless the archive is already there), check its md5 and extract it."""
+def fetch_archive(root, download):
+    """Unpack `root/cifar-100-python.tar.gz`, downloading it first if it is missing and that is allowed."""
+    archive = root / ARCHIVE_NAME
+    if not archive.is_file():
+        if not download:
+            raise DataError(f"CIFAR-100 not found: put {ARCHIVE_NAME} or its extracted {FOLDER_NAME}/ folder in "
+                            f"{root.resolve()} (see the README's Data section), or drop --no-download")
+        download_archive(archive)
+    actual = file_md5(archive)
+    if actual != ARCHIVE_MD5:
+        raise DataError(f"{archive} is damaged (md5 {actual}, expected {ARCHIVE_MD5}): delete it and download it "
+                        f"again (see the README's Data section)")
     try:
-        download_and_extract_archive(CIFAR100Folder.url, str(root), filename=CIFAR100.filename, md5=CIFAR100.tgz_md5)
-    except (OSError, RuntimeError, tarfile.TarError) as err:
-        raise DataError(
-            f"could not get CIFAR-100 ({describe(err)}); put {CIFAR100.filename} or its extracted "
-            f"{CIFAR100.base_folder}/ folder in {Path(root).resolve()}"
-        ) from None
+        with tarfile.open(archive) as tar:
+            tar.extractall(root, filter="data")
+    except (OSError, tarfile.TarError) as err:
+        raise DataError(f"could not unpack {archive} ({describe(err)})") from None
 
 
-def read_split(root, train):
-    path = Path(root) / CIFAR100.base_folder / ("train" if train else "test")
+def download_archive(archive):
+    """Fetch the official archive into `archive`; a failure leaves no partial file or new empty folder behind."""
+    created = [folder for folder in (archive.parent, *archive.parent.parents) if not folder.exists()]
+    partial = archive.with_name(archive.name + ".part")
+    print(f"downloading CIFAR-100 (about 161 MB) to {archive}", file=sys.stderr, flush=True)
     try:
-        dataset = CIFAR100Folder(root, train=train)
-    except DataError:
-        raise
-    except Exception as err:  # a corrupt pickle can raise almost anything
-        raise DataError(f"{path}: unreadable CIFAR-100 file ({describe(err)})") from None
-    images, labels = dataset.data, dataset.targets
-    if images.dtype.name != "uint8" or images.shape[1:] != (32, 32, 3):
-        raise DataError(f"{path}: expected uint8 images of 3x32x32, got {images.dtype.name} {images.shape[1:]}")
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(ARCHIVE_URL, timeout=60) as response, open(partial, "wb") as handle:
+            shutil.copyfileobj(response, handle)
+        os.replace(partial, archive)
+    except (OSError, ValueError) as err:
+        partial.unlink(missing_ok=True)
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise DataError(f"could not download CIFAR-100 ({describe(err)}); put {ARCHIVE_NAME} or its extracted "
+                        f"{FOLDER_NAME}/ folder in {archive.parent.resolve()} (see the README's Data section)") from None
+
+
+def file_md5(path):
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_split(path):
+    """One split's images (N, 3, 32, 32) uint8 and fine labels (N,) int64, checked for the CIFAR-100 layout."""
+    entry = unpickle(path, "file")
+    images, labels = entry.get("data"), entry.get("fine_labels")
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != 3072:
+        got = f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
+        raise DataError(f"{path}: expected 'data' as uint8 rows of 3x32x32 pixels, got {got}")
+    if not isinstance(labels, list) or not all(type(label) is int for label in labels):
+        raise DataError(f"{path}: expected 'fine_labels' as a list of whole numbers")
     if len(labels) != len(images):
         raise DataError(f"{path}: {len(images)} images but {len(labels)} labels")
-    labels = torch.as_tensor(labels, dtype=torch.int64)
+    labels = torch.tensor(labels, dtype=torch.int64)
     if len(labels) == 0 or labels.min() < 0 or labels.max() >= NUM_CLASSES:
         raise DataError(f"{path}: labels must lie in 0..{NUM_CLASSES - 1} and the split must not be empty")
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels, dataset.classes
+    return torch.from_numpy(images.reshape(-1, 3, 32, 32).copy()), labels
 
 
 # ---- batched augmentation: each op takes a float batch (B, 3, H, W) in [0, 1] ----
@@ -187,6 +240,16 @@ def normalize(images):
     return (images - mean) / std
 
 
+def cutout(images, centres, size):
+    """Zero a size x size square per image, centred at (row, col) `centres` that may lie on the border."""
+    steps = torch.arange(images.shape[-1], device=images.device)
+    low, high = centres - size // 2, centres - size // 2 + size
+    rows = (steps >= low[:, 0:1]) & (steps < high[:, 0:1])
+    cols = (steps >= low[:, 1:2]) & (steps < high[:, 1:2])
+    keep = ~(rows[:, :, None] & cols[:, None, :])
+    return images * keep[:, None].to(images.dtype)
+
+
 @dataclass
 class AugmentationPlan:
     """Every random choice of one epoch, one row per image position in the epoch's order."""
@@ -197,6 +260,7 @@ class AugmentationPlan:
     degrees: torch.Tensor  # (N,) in [-15, 15]
     jitter_factors: torch.Tensor  # (N, 3) in [0.8, 1.2]
     jitter_order: torch.Tensor  # (steps, 3): torchvision shuffles the jitter ops per call; we do per batch
+    cutout_centres: torch.Tensor  # (N, 2) in [0, 32): used only with --cutout
 
 
 def plan_epoch(num_images, steps, seed, epoch, device):
@@ -208,34 +272,58 @@ def plan_epoch(num_images, steps, seed, epoch, device):
     degrees = (torch.rand(num_images, generator=generator) * 2 - 1) * MAX_ROTATION_DEGREES
     jitter_factors = 1 + (torch.rand(num_images, 3, generator=generator) * 2 - 1) * JITTER_STRENGTH
     jitter_order = torch.stack([torch.randperm(3, generator=generator) for _ in range(steps)])
+    cutout_centres = torch.randint(0, IMAGE_SIZE, (num_images, 2), generator=generator)  # drawn last: older draws keep
 
     def to_device(tensor):
         return tensor.to(device, non_blocking=True)
 
     # jitter_order stays on the CPU: it picks which ops run, and reading it from a GPU would sync every batch.
     return AugmentationPlan(to_device(order), to_device(crop_offsets), to_device(flip), to_device(degrees),
-                            to_device(jitter_factors), jitter_order)
+                            to_device(jitter_factors), jitter_order, to_device(cutout_centres))
 
 
-def augment(images, plan, positions, jitter_order):
-    """Crop, flip, rotate, jitter and normalise a uint8 batch with the plan's rows at `positions`."""
+def augment(images, plan, positions, jitter_order, cutout_size=0):
+    """Crop, flip, rotate, jitter, cut out and normalise uint8 images with the plan's rows at `positions`.
+
+    `jitter_order` is one order of the jitter ops for all the images, or one row per image.
+    """
     images = images.float().div_(255)
     images = random_crop(images, plan.crop_offsets[positions])
     images = horizontal_flip(images, plan.flip[positions])
     images = rotate(images, plan.degrees[positions])
-    images = color_jitter(images, plan.jitter_factors[positions], jitter_order)
+    images = jitter_in_orders(images, plan.jitter_factors[positions], jitter_order)
+    if cutout_size:
+        images = cutout(images, plan.cutout_centres[positions], cutout_size)
     return normalize(images)
+
+
+def jitter_in_orders(images, factors, orders):
+    """Colour jitter with per-image op orders, one call per distinct order (at most 6) instead of per batch."""
+    if orders.dim() == 1:
+        return color_jitter(images, factors, orders)
+    distinct, which = orders.unique(dim=0, return_inverse=True)
+    if len(distinct) == 1:
+        return color_jitter(images, factors, distinct[0])
+    out = torch.empty_like(images)
+    for index, order in enumerate(distinct):
+        members = (which == index).nonzero().squeeze(1).to(images.device, non_blocking=True)
+        out[members] = color_jitter(images[members], factors[members], order)
+    return out
 
 
 class TrainLoader:
     """Shuffled, augmented batches of a device-resident training set.
 
-    `batch_size` is the global batch: under torchrun each of the `world_size` ranks takes
-    its own disjoint slice of every batch, so N ranks train on exactly the images and
-    augmentations one process would. The last incomplete batch is dropped to keep shapes static.
+    Each epoch is augmented up front, in chunks of about AUGMENT_CHUNK_IMAGES, into one
+    buffer of normalised images (in `dtype`), and batches are slices of it: a few large
+    kernels instead of about sixty small ones per batch. `batch_size` is the global batch:
+    under torchrun each of the `world_size` ranks takes its own disjoint slice of every
+    batch, so N ranks train on exactly the images and augmentations one process would. The
+    last incomplete batch is dropped to keep shapes static.
     """
 
-    def __init__(self, images, labels, batch_size, seed=0, rank=0, world_size=1):
+    def __init__(self, images, labels, batch_size, seed=0, rank=0, world_size=1, dtype=torch.float32,
+                 cutout_size=0):
         if batch_size % world_size:
             raise DataError(f"batch size {batch_size} does not split evenly over {world_size} processes")
         if batch_size > len(images):
@@ -243,6 +331,7 @@ class TrainLoader:
         self.images, self.labels = images, labels
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size
+        self.dtype, self.cutout_size = dtype, cutout_size
         self.steps_per_epoch = len(images) // batch_size
         self.images_per_rank_step = batch_size // world_size
 
@@ -251,39 +340,104 @@ class TrainLoader:
         start = step * self.batch_size + self.rank * self.images_per_rank_step
         return torch.arange(start, start + self.images_per_rank_step, device=self.images.device)
 
+    def augment_epoch(self, plan, start_step=0):
+        """This rank's images of steps start_step.. of the epoch, augmented: (steps * rank batch, 3, 32, 32)."""
+        steps = range(start_step, self.steps_per_epoch)
+        per_rank = self.images_per_rank_step
+        buffer = torch.empty((len(steps) * per_rank, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=self.dtype,
+                             device=self.images.device).contiguous(memory_format=torch.channels_last)
+        chunk_steps = max(1, AUGMENT_CHUNK_IMAGES // per_rank)
+        for first in range(0, len(steps), chunk_steps):
+            chunk = steps[first:first + chunk_steps]
+            positions = torch.cat([self.positions(step) for step in chunk])
+            orders = plan.jitter_order[chunk.start:chunk.stop].repeat_interleave(per_rank, dim=0)
+            images = augment(self.images[plan.order[positions]], plan, positions, orders, self.cutout_size)
+            buffer[first * per_rank:(first + len(chunk)) * per_rank] = images
+        return buffer
+
     def batches(self, epoch, start_step=0):
         plan = plan_epoch(len(self.images), self.steps_per_epoch, self.seed, epoch, self.images.device)
-        for step in range(start_step, self.steps_per_epoch):
-            positions = self.positions(step)
-            indices = plan.order[positions]
-            images = augment(self.images[indices], plan, positions, plan.jitter_order[step])
-            yield images.contiguous(memory_format=torch.channels_last), self.labels[indices]
+        buffer = self.augment_epoch(plan, start_step)
+        per_rank = self.images_per_rank_step
+        for index, step in enumerate(range(start_step, self.steps_per_epoch)):
+            labels = self.labels[plan.order[self.positions(step)]]
+            yield buffer[index * per_rank:(index + 1) * per_rank], labels
 
 
 class EvalLoader:
-    """Normalised, unaugmented batches; under torchrun each rank takes every world_size-th image."""
+    """Normalised, unaugmented batches, prepared once in `dtype`; under torchrun each rank takes every
+    world_size-th image."""
 
-    def __init__(self, images, labels, batch_size=1000, rank=0, world_size=1):
-        self.images, self.labels = images[rank::world_size], labels[rank::world_size]
+    def __init__(self, images, labels, batch_size=1000, rank=0, world_size=1, dtype=torch.float32):
+        images = normalize(images[rank::world_size].float().div_(255)).to(dtype)
+        self.images = images.contiguous(memory_format=torch.channels_last)
+        self.labels = labels[rank::world_size]
         self.batch_size = batch_size
 
     def __iter__(self):
         for start in range(0, len(self.images), self.batch_size):
-            images = normalize(self.images[start : start + self.batch_size].float().div_(255))
-            yield images.contiguous(memory_format=torch.channels_last), self.labels[start : start + self.batch_size]
+            yield self.images[start:start + self.batch_size], self.labels[start:start + self.batch_size]
 
     def __len__(self):
         return math.ceil(len(self.images) / self.batch_size)
 
 
-def load_cifar100(batch_size, data_dir="data", download=True, device="cpu", seed=0, rank=0, world_size=1,
-                  test_batch_size=1000):
-    """Read CIFAR-100 onto `device` and return (train_loader, test_loader)."""
-    arrays = read_cifar100(data_dir, download)
-    device = torch.device(device)
-    train = TrainLoader(arrays.train_images.to(device), arrays.train_labels.to(device), batch_size, seed,
-                        rank, world_size)
-    test = EvalLoader(arrays.test_images.to(device), arrays.test_labels.to(device), test_batch_size,
-                      rank, world_size)
+def split_validation(labels, val_size, seed=VALIDATION_SEED):
+    """Indices (train, val) with `val_size` training images held out, as evenly over the classes as possible.
+
+    The split has its own fixed seed, not the run's --seed, so every run of a comparison holds out the same images.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    shuffled = torch.randperm(len(labels), generator=generator)
+    classes = labels.unique()
+    quotas = torch.full((len(classes),), val_size // len(classes))
+    quotas[:val_size % len(classes)] += 1
+    held_out = []
+    for label, quota in zip(classes.tolist(), quotas.tolist()):
+        members = shuffled[labels[shuffled] == label]
+        if quota > len(members):
+            raise DataError(f"--val-size {val_size} asks for {quota} images of class {label}, "
+                            f"which has only {len(members)}")
+        held_out.append(members[:quota])
+    val = torch.cat(held_out).sort().values
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[val] = False
+    return keep.nonzero().squeeze(1), val
+
+
+@dataclass
+class DataConfig:
+    """What the loaders need to know about a run."""
+
+    batch_size: int
+    data_dir: str = "data"
+    download: bool = True
+    device: str = "cpu"
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    test_batch_size: int = 1000
+    val_size: int = 0
+    cutout_size: int = 0
+    dtype: torch.dtype = torch.float32
+
+
+def load_cifar100(config):
+    """Read CIFAR-100 onto the device; returns (train_loader, val_loader or None, test_loader)."""
+    arrays = read_cifar100(config.data_dir, config.download)
+    device = torch.device(config.device)
+    images, labels = arrays.train_images, arrays.train_labels
+    val = None
+    if config.val_size:
+        if config.val_size >= len(labels):
+            raise DataError(f"--val-size {config.val_size} leaves no training images (there are {len(labels)})")
+        train_indices, val_indices = split_validation(labels, config.val_size)
+        val = EvalLoader(images[val_indices].to(device), labels[val_indices].to(device), config.test_batch_size,
+                         config.rank, config.world_size, config.dtype)
+        images, labels = images[train_indices], labels[train_indices]
+    train = TrainLoader(images.to(device), labels.to(device), config.batch_size, config.seed, config.rank,
+                        config.world_size, config.dtype, config.cutout_size)
+    test = EvalLoader(arrays.test_images.to(device), arrays.test_labels.to(device), config.test_batch_size,
+                      config.rank, config.world_size, config.dtype)
     train.classes = test.classes = arrays.classes
-    return train, test
+    return train, val, test

@@ -45,10 +45,16 @@ def resolve_precision(device, precision="auto"):
     return precision
 
 
-def autocast(device, precision):
+def autocast(device, precision, cache=True):
+    """bf16 autocast or nothing; `cache=False` is required while a CUDA graph is being captured."""
     if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
+
+
+def input_dtype(precision):
+    """The dtype prepared images are kept in: bf16 when the model computes in bf16 anyway (half the memory)."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def synchronize(device):
@@ -83,6 +89,10 @@ def setup_runtime(preference=None):
         return Runtime(device)
     rank = int(os.environ["RANK"])
     if device.type == "cuda":
+        processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        if processes_here > torch.cuda.device_count():
+            raise DeviceError(f"{processes_here} processes per node but only {torch.cuda.device_count()} GPU(s): "
+                              f"use --nproc_per_node={torch.cuda.device_count()} or fewer")
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
         backend = "nccl"

@@ -30,10 +30,11 @@ def plot_metrics(metrics_path, png_path=None):
         raise PlotError(f"{metrics_path} has no epochs yet")
     epochs = [int(row["epoch"]) for row in rows]
     figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(11, 4))
-    for key in ("train_loss", "test_loss"):
-        loss_axes.plot(epochs, [float(row[key]) for row in rows], label=key.replace("_", " "))
-    for key in ("train_top1", "test_top1", "test_top5"):
-        accuracy_axes.plot(epochs, [100 * float(row[key]) for row in rows], label=key.replace("_", " "))
+    for axes, keys, scale in ((loss_axes, ("train_loss", "val_loss", "test_loss"), 1),
+                              (accuracy_axes, ("train_top1", "val_top1", "val_top5", "test_top1", "test_top5"), 100)):
+        for key in keys:
+            if rows[0].get(key):  # a run fills either the val or the test columns each epoch
+                axes.plot(epochs, [scale * float(row[key]) for row in rows], label=key.replace("_", " "))
     loss_axes.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     accuracy_axes.set(xlabel="epoch", ylabel="%", title="accuracy")
     for axes in (loss_axes, accuracy_axes):

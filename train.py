@@ -6,33 +6,39 @@
     python train.py --evaluate               # test checkpoint/best.pt and exit
     torchrun --nproc_per_node=4 train.py     # the same run on 4 GPUs
 """
+import time
+
+STARTED = time.time()  # before the heavy imports, so "first step after" counts them
+
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from dataset_utils import NUM_CLASSES, DataError, EvalLoader, load_cifar100, read_cifar100
-from device_utils import DeviceError, distribute_model, resolve_precision, setup_runtime, teardown_runtime
+from dataset_utils import NUM_CLASSES, DataConfig, DataError, EvalLoader, load_cifar100, read_cifar100
+from device_utils import (DeviceError, distribute_model, input_dtype, resolve_precision, setup_runtime,
+                          teardown_runtime)
 from train_utils import (CheckpointError, EarlyStopping, NonFiniteLossError, Run, atomic_write, check_model_config,
                          describe_model_config, evaluate, fit, load_checkpoint, make_criterion, make_optimizer,
-                         make_scheduler, model_from_checkpoint, model_from_config, restore_run,
-                         seed_everything)
+                         make_scheduler, make_train_step, model_from_checkpoint, model_from_config, restore_run,
+                         seed_everything, test_final_and_best)
 
 USER_ERRORS = (CheckpointError, DataError, DeviceError, NonFiniteLossError)
 
 # Flags that may differ from the checkpoint's on --resume; any other flag given must match it.
 RESUME_MAY_CHANGE = {"epochs", "target_accuracy", "patience", "resume", "checkpoint_dir", "data_dir", "no_download",
-                     "workers", "device", "precision", "compile", "tta", "test_batch_size", "plot", "tensorboard",
-                     "evaluate"}
+                     "workers", "device", "precision", "compile", "no_cuda_graphs", "tta", "test_batch_size", "plot",
+                     "tensorboard", "evaluate"}
 
 PRESETS = {
-    # Aimed at ResNet18 >= 73 % top-1 in the fewest seconds on one GPU; see README "The fast recipe".
-    "fast": {"batch_size": 512, "lr": 0.4, "epochs": 30, "nesterov": True, "label_smoothing": 0.1, "tta": True,
-             "compile": True, "target_accuracy": 0.73, "patience": 1},
+    # ResNet18 to >= 73 % top-1 in the fewest seconds on one GPU; see README "Recipes".
+    "fast": {"batch_size": 512, "lr": 0.4, "epochs": 24, "nesterov": True, "label_smoothing": 0.1, "tta": True},
+    # WRN-28-10 for accuracy within 100 epochs; see README "Recipes".
+    "wrn": {"model": "wideresnet", "depth": 28, "widen_factor": 10, "batch_size": 256, "lr": 0.2, "epochs": 80,
+            "nesterov": True, "label_smoothing": 0.1, "cutout": 8},
 }
 
 
@@ -70,7 +76,10 @@ def build_parser():
     model.add_argument("--dropout", type=FRACTION, default=0.0, help="WideResNet dropout between convs (0)")
     model.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm over GPUs under torchrun")
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe; flags given still win")
+    optim.add_argument("--preset", choices=sorted(PRESETS),
+                       help="a named recipe; flags given still win. " + "; ".join(
+                           f"{name}: " + " ".join(f"--{key.replace('_', '-')} {value}" for key, value in preset.items())
+                           for name, preset in PRESETS.items()))
     optim.add_argument("-b", "--batch-size", type=POSITIVE_INT, default=128,
                        help="global batch size, split over the processes of a torchrun run (128)")
     optim.add_argument("--epochs", type=POSITIVE_INT, default=100)
@@ -79,6 +88,11 @@ def build_parser():
     optim.add_argument("--nesterov", action="store_true")
     optim.add_argument("--wd", "--weight-decay", dest="weight_decay", type=NON_NEGATIVE_FLOAT, default=5e-4)
     optim.add_argument("--label-smoothing", type=FRACTION, default=0.0)
+    optim.add_argument("--cutout", type=bounded(int, low=0, high=32), default=0, metavar="SIZE",
+                       help="zero one SIZE x SIZE square per training image (0: off)")
+    optim.add_argument("--val-size", type=NON_NEGATIVE_INT, default=0, metavar="N",
+                       help="hold out N training images (class-balanced, fixed split) to pick best.pt and stop "
+                            "early on; the test set is then used only at the end (0: off)")
     optim.add_argument("--target-accuracy", type=bounded(float, low=0, high=1, low_open=True), default=None,
                        help="stop once test top-1 reaches this fraction for --patience epochs (off)")
     optim.add_argument("--patience", type=POSITIVE_INT, default=2)
@@ -96,7 +110,9 @@ def build_parser():
     run.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu (auto)")
     run.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                      help="auto: bf16 autocast on CUDA, fp32 elsewhere")
-    run.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA graphs on CUDA)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model (inductor kernels)")
+    run.add_argument("--no-cuda-graphs", action="store_true",
+                     help="run the training step eagerly on CUDA instead of replaying it as a CUDA graph")
     run.add_argument("--tta", action="store_true", help="evaluate on the image and its mirror, averaged")
     run.add_argument("--test-batch-size", type=POSITIVE_INT, default=1000)
     run.add_argument("--plot", action="store_true", help="draw metrics.png at the end (needs matplotlib)")
@@ -117,6 +133,8 @@ def parse_args(argv=None):
     explicit = vars(explicit_parser.parse_args(argv))
     if args.resume is not None and args.evaluate is not None:
         parser.error("--resume and --evaluate exclude each other")
+    if args.nesterov and args.momentum == 0:
+        parser.error("--nesterov needs a momentum above 0")
     return args, explicit
 
 
@@ -192,19 +210,23 @@ def train(args, explicit, runtime):
         check_model_config(checkpoint, model_config, resume_path)
     if args.sync_bn and runtime.device.type != "cuda":
         raise DeviceError("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU implementation)")
-    checkpoint_dir = Path(args.checkpoint_dir)
-    if runtime.is_main:
-        prepare_checkpoint_dir(checkpoint_dir, resuming=checkpoint is not None)
     if args.workers:
         torch.set_num_threads(args.workers)
     torch.backends.cudnn.benchmark = True
     seed_everything(args.seed + runtime.rank)
-    train_loader, test_loader = load_cifar100(args.batch_size, args.data_dir, not args.no_download, runtime.device,
-                                              args.seed, runtime.rank, runtime.world_size, args.test_batch_size)
-    run = build_run(args, model_config, runtime, train_loader, test_loader)
+    precision = resolve_precision(runtime.device, args.precision)
+    loaders = load_cifar100(DataConfig(args.batch_size, args.data_dir, not args.no_download, runtime.device, args.seed,
+                                       runtime.rank, runtime.world_size, args.test_batch_size, args.val_size,
+                                       args.cutout, input_dtype(precision)))
+    run = build_run(args, model_config, runtime, precision, *loaders)
     if checkpoint is not None:
         restore_run(run, checkpoint)
+    checkpoint_dir = Path(args.checkpoint_dir)
+    if runtime.is_main:  # only now, so that a run failing before it leaves no folder behind
+        prepare_checkpoint_dir(checkpoint_dir, resuming=checkpoint is not None)
     run.model = prepare_for_training(run.model, args, runtime)
+    run.train_step = make_train_step(run.model, run.optimizer, make_criterion(args.label_smoothing), runtime,
+                                     precision, cuda_graphs=not args.no_cuda_graphs)
     run.tensorboard = open_tensorboard(checkpoint_dir / "tensorboard") if args.tensorboard and runtime.is_main else None
     if runtime.is_main:
         print(describe_run(run, args, resume_path), flush=True)
@@ -216,56 +238,84 @@ def train(args, explicit, runtime):
         raise NonFiniteLossError(f"{err}; stopped with the last good checkpoint, {checkpoint_dir / 'last.pt'}, "
                                  f"left as it was") from None
     if runtime.is_main:
-        print(describe_outcome(run, outcome, time.perf_counter() - started), flush=True)
+        print(describe_timing(run), flush=True)
+    final_tests = test_final_and_best(run) if run.val_loader is not None and outcome != "interrupted" else None
+    if runtime.is_main:
+        print(describe_outcome(run, outcome, time.perf_counter() - started, final_tests), flush=True)
         if args.plot and run.state.history:
             draw_plot(checkpoint_dir)
     return 128 + run.interrupt.signum if outcome == "interrupted" else 0
 
 
-def build_run(args, model_config, runtime, train_loader, test_loader):
+def build_run(args, model_config, runtime, precision, train_loader, val_loader, test_loader):
+    """The run with its model, optimizer and schedule; its train_step is made once the model is final."""
     model = model_from_config(model_config)
     if args.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(runtime.device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, args.lr, args.momentum, args.weight_decay, args.nesterov)
     scheduler = make_scheduler(optimizer, args.lr, args.epochs * train_loader.steps_per_epoch)
-    return Run(model, optimizer, scheduler, make_criterion(args.label_smoothing), train_loader, test_loader,
-               runtime, resolve_precision(runtime.device, args.precision), args.epochs, args.tta,
-               Path(args.checkpoint_dir), model_config, vars(args), EarlyStopping(args.target_accuracy, args.patience))
+    return Run(model, None, optimizer, scheduler, train_loader, val_loader, test_loader, runtime, precision,
+               args.epochs, args.tta, Path(args.checkpoint_dir), model_config, vars(args),
+               EarlyStopping(args.target_accuracy, args.patience))
 
 
 def prepare_for_training(model, args, runtime):
     model = distribute_model(model, runtime)
     if args.compile:
-        # CUDA graphs remove the per-kernel launch cost that dominates small batches on a fast GPU.
-        model = torch.compile(model, mode="reduce-overhead" if runtime.device.type == "cuda" else None)
+        model = torch.compile(model)
     return model
 
 
 def describe_run(run, args, resume_path):
     parameters = sum(p.numel() for p in run.model.parameters())
     lines = [f"{describe_model_config(run.model_config)}: {parameters / 1e6:.1f}M parameters on "
-             f"{run.runtime.device} x{run.runtime.world_size}, {run.precision}, channels_last"
+             f"{run.runtime.device} x{run.runtime.world_size}, {run.precision}, channels_last, {run.train_step.kind} step"
              f"{', compiled' if args.compile else ''}",
-             f"batch {args.batch_size} (global), {run.train_loader.steps_per_epoch} steps/epoch, {args.epochs} epochs, "
-             f"OneCycle peak lr {args.lr}, checkpoints in {run.checkpoint_dir}/"]
+             f"batch {args.batch_size} (global), {run.train_loader.steps_per_epoch} steps/epoch, "
+             f"{plural(args.epochs, 'epoch')}, OneCycle peak lr {args.lr}, momentum {args.momentum}, "
+             f"checkpoints in {run.checkpoint_dir}/",
+             f"training on {len(run.train_loader.images):,} images; best.pt and early stopping judged on the "
+             f"{run.selection_split} set"]
     if resume_path is not None:
         lines.append(f"resumed from {resume_path} at epoch {run.state.epoch + 1}, step {run.state.step}")
     return "\n".join(lines)
 
 
-def describe_outcome(run, outcome, seconds):
+def plural(count, noun):
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def describe_timing(run):
+    """Start-up and graph capture, which the epoch times and img/s leave out."""
+    step = run.train_step
+    if step.first_step_at is None:
+        return "no training step ran"
+    line = f"first training step done {step.first_step_at - STARTED:.1f}s after start"
+    if step.graph is not None:
+        line += f"; CUDA graph captured in {step.setup_seconds:.2f}s (not counted in epoch times)"
+    return line
+
+
+def describe_outcome(run, outcome, seconds, final_tests=None):
     state, checkpoint_dir = run.state, run.checkpoint_dir
     if outcome == "interrupted":
         return (f"stopped at epoch {state.epoch + 1}, step {state.step}; checkpoint saved. Resume with:\n"
                 f"  python train.py --resume {checkpoint_dir / 'last.pt'}")
     history = state.history
     images_per_sec = sum(row["images"] for row in history) / max(sum(row["train_seconds"] for row in history), 1e-9)
-    final_top1 = history[-1]["test_top1"] if history else 0.0
+    split = run.selection_split
+    final_top1 = history[-1][f"{split}_top1"] if history else 0.0
     reason = "early stop: target reached" if outcome == "early-stopped" else "done"
-    return (f"{reason} after {state.epoch} epochs, {seconds:.1f}s this session "
-            f"({sum(row['epoch_seconds'] for row in history):.1f}s of epochs in all); final top-1 "
-            f"{100 * final_top1:.2f}%, best top-1 {100 * state.best_top1:.2f}%; {images_per_sec:,.0f} img/s overall")
+    summary = (f"{reason} after {plural(state.epoch, 'epoch')}, {seconds:.1f}s "
+               f"({sum(row['epoch_seconds'] for row in history):.1f}s of epochs in all); final {split} top-1 "
+               f"{100 * final_top1:.2f}%, best {split} top-1 {100 * state.best_top1:.2f}%; "
+               f"{images_per_sec:,.0f} img/s overall")
+    if final_tests is not None:
+        final, best = final_tests
+        summary += (f"\ntest top-1 {100 * final.top1:.2f}% (top-5 {100 * final.top5:.2f}%) for the final model, "
+                    f"{100 * best.top1:.2f}% for best.pt")
+    return summary
 
 
 def evaluate_checkpoint(args, explicit, runtime):

@@ -11,6 +11,7 @@ import pickle
 import random
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +30,8 @@ CHECKPOINT_FORMAT = "cifar100-trainer/1"
 CHECKPOINT_KEYS = {"format", "model_config", "model", "optimizer", "scheduler", "epoch", "step", "best_top1",
                    "early_stopping", "history", "args", "rng"}
 SYNC_POINTS_PER_EPOCH = 10
-METRICS_COLUMNS = ("epoch", "epoch_seconds", "train_seconds", "images", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5",
-                   "lr", "images_per_sec", "best")
+METRICS_COLUMNS = ("epoch", "epoch_seconds", "train_seconds", "images", "train_loss", "train_top1", "val_loss",
+                   "val_top1", "val_top5", "test_loss", "test_top1", "test_top5", "lr", "images_per_sec", "best")
 
 
 class CheckpointError(RuntimeError):
@@ -84,12 +85,16 @@ class EarlyStopping:
 
 
 def make_optimizer(model, lr, momentum=0.9, weight_decay=5e-4, nesterov=False):
+    """SGD; on CUDA the fused kernel (one launch for every parameter, and it takes the lr as a device tensor)."""
+    fused = next(model.parameters()).device.type == "cuda"
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
-                           nesterov=nesterov)
+                           nesterov=nesterov, fused=fused or None)
 
 
 def make_scheduler(optimizer, max_lr, total_steps):
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps)
+    """OneCycle on the lr only: momentum stays what --momentum says (cycling it would override the flag)."""
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps,
+                                               cycle_momentum=False)
 
 
 def load_scheduler_state(scheduler, state):
@@ -98,7 +103,13 @@ def load_scheduler_state(scheduler, state):
 
 
 def current_lr(optimizer):
-    return optimizer.param_groups[0]["lr"]
+    return float(optimizer.param_groups[0]["lr"])
+
+
+def lr_to_float(optimizer):
+    """A graphed run keeps the lr in a device tensor; checkpoints and other runs see a plain number."""
+    for group in optimizer.param_groups:
+        group["lr"] = float(group["lr"])
 
 
 # ---- the loops ----
@@ -128,21 +139,12 @@ class Interrupt:
 
 @dataclass
 class EpochTotals:
-    """Running sums of one epoch on this rank, kept on the device until read."""
+    """Running sums of one epoch on this rank; the loss sum and hits stay on the device until read."""
 
     loss_sum: torch.Tensor
     correct: torch.Tensor
     images: int = 0
     seconds: float = 0.0
-
-    @classmethod
-    def zeros(cls, device):
-        return cls(torch.zeros((), device=device), torch.zeros((), device=device))
-
-    @classmethod
-    def from_state(cls, state, device):
-        return cls(torch.tensor(state["loss_sum"], device=device), torch.tensor(state["correct"], device=device),
-                   state["images"], state["seconds"])
 
 
 @dataclass
@@ -157,63 +159,176 @@ class EpochResult:
         return self.images / max(self.seconds, 1e-9)
 
 
-def train_step(model, images, labels, optimizer, scheduler, criterion, device, precision):
-    """One SGD step; returns the logits and the loss, still on the device."""
-    with autocast(device, precision):
-        logits = model(images)
-        loss = criterion(logits, labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    scheduler.step()
-    return logits, loss
+class TrainStep:
+    """Forward, loss, backward and SGD update of one batch, eagerly (CPU, MPS, torchrun, and the fallback).
+
+    The epoch's running sums stay on the device in `sums`: loss sum, correct predictions,
+    steps done, and the first step whose loss was not finite (-1 while none was).
+    """
+
+    kind = "eager"
+    graph = None
+
+    def __init__(self, model, optimizer, criterion, device, precision):
+        self.model, self.optimizer, self.criterion = model, optimizer, criterion
+        self.device, self.precision = device, precision
+        self.sums = torch.zeros(4, device=device)
+        self.setup_seconds = 0.0  # time spent preparing the step (graph capture), not training
+        self.first_step_at = None  # time.time() when the process's first step had finished
+
+    def start_epoch(self, start_step, totals=None):
+        loss_sum, correct = (totals["loss_sum"], totals["correct"]) if totals else (0.0, 0.0)
+        self.sums.copy_(torch.tensor([loss_sum, correct, start_step, -1.0]))
+
+    def __call__(self, images, labels):
+        self.forward_backward_update(images, labels)
+
+    def forward_backward_update(self, images, labels):
+        with autocast(self.device, self.precision, cache=False):
+            logits = self.model(images)
+            loss = self.criterion(logits, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.record(loss.detach(), logits.detach(), labels)
+
+    def record(self, loss, logits, labels):
+        first_bad = torch.where((self.sums[3] < 0) & ~loss.isfinite(), self.sums[2], self.sums[3])
+        self.sums[:3] += torch.stack([loss.float() * len(labels), (logits.argmax(1) == labels).sum().float(),
+                                      torch.ones((), device=self.device)])
+        self.sums[3] = first_bad
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, criterion, epoch, runtime, precision, start_step=0,
-                    totals=None, interrupt=None, show_progress=True):
-    """Train one epoch from `start_step`; returns (totals, stopped_at_step), the step set only when interrupted."""
-    model.train()
-    totals = totals or EpochTotals.zeros(runtime.device)
-    first_bad_step = torch.full((), -1, device=runtime.device)
+class GraphedTrainStep(TrainStep):
+    """The same step replayed as one CUDA graph: one launch instead of about 300 per batch.
+
+    The first WARMUP_STEPS batches train eagerly on a side stream (cudnn picks its algorithms,
+    the optimizer makes its momentum buffers); the next batch is captured, and every batch
+    after it is copied into the graph's static inputs and replayed. The lr lives in a device
+    tensor that the scheduler fills between replays. If capture fails, the step says so in
+    one line and stays eager.
+    """
+
+    WARMUP_STEPS = 3
+    kind = "CUDA graph"
+
+    def __init__(self, model, optimizer, criterion, device, precision):
+        super().__init__(model, optimizer, criterion, device, precision)
+        for group in optimizer.param_groups:
+            group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        self.graph, self.eager_steps, self.failed = None, 0, False
+        self.static_images = self.static_labels = None
+
+    def __call__(self, images, labels):
+        if self.graph is None and not self.failed and self.eager_steps >= self.WARMUP_STEPS:
+            self.capture(images, labels)
+        if self.graph is None:
+            self.eager_steps += 1
+            self.forward_backward_update_on_side_stream(images, labels)
+            return
+        self.static_images.copy_(images)
+        self.static_labels.copy_(labels)
+        self.graph.replay()
+
+    def forward_backward_update_on_side_stream(self, images, labels):
+        if self.failed or self.eager_steps > self.WARMUP_STEPS:
+            return self.forward_backward_update(images, labels)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self.forward_backward_update(images, labels)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+
+    def capture(self, images, labels):
+        started = time.perf_counter()
+        self.static_images, self.static_labels = images.clone(), labels.clone()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            torch.cuda.synchronize(self.device)
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.cuda.graph(graph):
+                self.forward_backward_update(self.static_images, self.static_labels)
+            self.graph = graph
+        except Exception as err:  # capture refuses some ops; eager still trains correctly
+            self.failed = True
+            torch.cuda.synchronize(self.device)
+            print(f"note: CUDA graph capture failed ({describe_error(err)}); training eagerly instead",
+                  file=sys.stderr, flush=True)
+        self.setup_seconds += time.perf_counter() - started
+
+
+def describe_error(err):
+    return f"{type(err).__name__}: {err}".strip().splitlines()[0][:160]
+
+
+def uses_cuda_graphs(runtime, cuda_graphs=True):
+    """Graphs on a single CUDA process unless turned off. Under torchrun the step stays eager:
+    DistributedDataParallel's gradient hooks and collectives are not captured here."""
+    return cuda_graphs and runtime.device.type == "cuda" and not runtime.distributed
+
+
+def make_train_step(model, optimizer, criterion, runtime, precision, cuda_graphs=True):
+    step_class = GraphedTrainStep if uses_cuda_graphs(runtime, cuda_graphs) else TrainStep
+    return step_class(model, optimizer, criterion, runtime.device, precision)
+
+
+def train_one_epoch(train_step, loader, scheduler, epoch, runtime, start_step=0, totals=None, interrupt=None,
+                    show_progress=True):
+    """Train one epoch from `start_step`; returns (totals, stopped_at_step), the step set only when interrupted.
+
+    `totals` are the sums of an interrupted epoch's first steps (a dict from a checkpoint).
+    """
+    train_step.model.train()
+    train_step.start_epoch(start_step, totals)
     sync_every = max(1, loader.steps_per_epoch // SYNC_POINTS_PER_EPOCH)
     bar = tqdm(total=loader.steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}", leave=False,
                disable=None if show_progress else True, dynamic_ncols=True)  # None: only on a terminal
-    started, images_at_start = time.perf_counter(), totals.images
+    started, setup_at_start = time.perf_counter(), train_step.setup_seconds
+    images_done = 0
     stopped_at_step = None
     for step, (images, labels) in enumerate(loader.batches(epoch, start_step), start_step):
-        logits, loss = train_step(model, images, labels, optimizer, scheduler, criterion, runtime.device, precision)
-        totals.loss_sum += loss.detach().float() * len(labels)
-        totals.correct += (logits.argmax(1) == labels).sum()
-        totals.images += len(labels)
-        first_bad_step = torch.where((first_bad_step < 0) & ~loss.isfinite(), step, first_bad_step)
+        train_step(images, labels)
+        scheduler.step()
+        if train_step.first_step_at is None:
+            synchronize(runtime.device)
+            train_step.first_step_at = time.time()
+        images_done += len(labels)
         bar.update(1)
         last_step = step + 1 == loader.steps_per_epoch
         interrupted_here = interrupt is not None and interrupt.requested and not runtime.distributed
         if (step + 1) % sync_every == 0 or last_step or interrupted_here:
-            if check_in(first_bad_step, interrupt, epoch, runtime) and not last_step:
+            loss_sum, _, steps_done, first_bad_step = check_in(train_step.sums, interrupt, runtime)
+            if first_bad_step >= 0:
+                raise NonFiniteLossError(f"the training loss became NaN or infinite at epoch {epoch + 1}, "
+                                         f"step {int(first_bad_step) + 1}")
+            if interrupt_agreed(interrupt, runtime) and not last_step:
                 stopped_at_step = step + 1
                 break
-            elapsed = time.perf_counter() - started
-            bar.set_postfix(loss=f"{(totals.loss_sum / max(totals.images, 1)).item():.3f}",
-                            lr=f"{current_lr(optimizer):.4f}",
-                            img_s=f"{(totals.images - images_at_start) * runtime.world_size / elapsed:,.0f}")
+            elapsed = time.perf_counter() - started - (train_step.setup_seconds - setup_at_start)
+            bar.set_postfix(loss=f"{loss_sum / (steps_done * len(labels)):.3f}",
+                            lr=f"{current_lr(scheduler.optimizer):.4f}",
+                            img_s=f"{images_done * runtime.world_size / max(elapsed, 1e-9):,.0f}")
     bar.close()
     synchronize(runtime.device)
-    totals.seconds += time.perf_counter() - started
-    return totals, stopped_at_step
+    seconds = time.perf_counter() - started - (train_step.setup_seconds - setup_at_start)
+    previous_images, previous_seconds = (totals["images"], totals["seconds"]) if totals else (0, 0.0)
+    sums = train_step.sums.clone()
+    epoch_totals = EpochTotals(sums[0], sums[1], previous_images + images_done, previous_seconds + seconds)
+    return epoch_totals, stopped_at_step
 
 
-def check_in(first_bad_step, interrupt, epoch, runtime):
-    """A sync point: raise on a non-finite loss on any rank; return whether any rank was interrupted."""
-    flags = torch.stack([first_bad_step.float(), torch.tensor(float(interrupt is not None and interrupt.requested),
-                                                              device=first_bad_step.device)])
+def check_in(sums, interrupt, runtime):
+    """A sync point: this rank's sums as numbers, the first non-finite step taken over all ranks."""
+    values = sums.tolist()
     if runtime.distributed:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    bad_step, stop = flags.tolist()
-    if bad_step >= 0:
-        raise NonFiniteLossError(f"the training loss became NaN or infinite at epoch {epoch + 1}, "
-                                 f"step {int(bad_step) + 1}")
-    return stop > 0
+        first_bad = torch.tensor([values[3]], device=sums.device)
+        dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
+        values[3] = first_bad.item()
+    return values
+
+
+def interrupt_agreed(interrupt, runtime):
+    return any_rank(interrupt is not None and interrupt.requested, runtime)
 
 
 def reduce_totals(totals, runtime):
@@ -239,7 +354,11 @@ class EvalResult:
 
 
 def evaluate(model, loader, runtime, precision, tta=False):
-    """Test loss, top-1 and top-5 over the whole test set (all ranks' shards); `tta` averages with the flip."""
+    """Loss, top-1 and top-5 over a whole evaluation set (all ranks' shards); `tta` averages with the flip.
+
+    The model is left in the mode it came in.
+    """
+    was_training = model.training
     model.eval()
     sums = torch.zeros(3, device=runtime.device)  # loss, top-1 hits, top-5 hits
     images = 0
@@ -256,7 +375,7 @@ def evaluate(model, loader, runtime, precision, tta=False):
             images += len(labels)
     totals = torch.cat([sums, torch.tensor([float(images)], device=runtime.device)])
     loss_sum, top1, top5, count = all_reduce_sum(totals, runtime).tolist()
-    model.train()
+    model.train(was_training)
     return EvalResult(loss_sum / count, top1 / count, top5 / count, time.perf_counter() - started)
 
 
@@ -424,10 +543,11 @@ class RunState:
 @dataclass
 class Run:
     model: nn.Module  # what trains: possibly under DistributedDataParallel and torch.compile
+    train_step: TrainStep
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    criterion: nn.Module
     train_loader: object
+    val_loader: object  # None without --val-size: then the test set picks best.pt and early stopping
     test_loader: object
     runtime: object
     precision: str
@@ -439,15 +559,31 @@ class Run:
     early_stopping: EarlyStopping
     state: RunState = field(default_factory=RunState)
     interrupt: Interrupt = field(default_factory=Interrupt)
+    writer: "CheckpointWriter" = field(default_factory=lambda: CheckpointWriter())
+    best_weights: dict = None  # a host copy of the best epoch's weights, for testing it at the end
     tensorboard: object = None
+
+    @property
+    def selection_split(self):
+        return "val" if self.val_loader is not None else "test"
 
 
 def fit(run):
-    """Train until the last epoch, early stopping, or an interrupt; returns which of the three ended it."""
+    """Train until the last epoch, early stopping, or an interrupt; returns which of the three ended it.
+
+    Checkpoints are written in the background; every write has finished when this returns.
+    """
+    try:
+        return train_epochs(run)
+    finally:
+        run.writer.wait()
+
+
+def train_epochs(run):
     while run.state.epoch < run.epochs:
         totals, stopped_at_step = train_one_epoch(
-            run.model, run.train_loader, run.optimizer, run.scheduler, run.criterion, run.state.epoch,
-            run.runtime, run.precision, run.state.step, resumed_totals(run), run.interrupt, run.runtime.is_main)
+            run.train_step, run.train_loader, run.scheduler, run.state.epoch, run.runtime, run.state.step,
+            resumed_totals(run), run.interrupt, run.runtime.is_main)
         if stopped_at_step is not None:
             run.state.step, run.state.epoch_totals = stopped_at_step, reduce_totals(totals, run.runtime)
             save_checkpoint(run, ["last.pt"])
@@ -464,12 +600,13 @@ def resumed_totals(run):
     """The interrupted epoch's sums go to rank 0 alone, so that adding over ranks counts them once."""
     if run.state.epoch_totals is None or not run.runtime.is_main:
         return None
-    return EpochTotals.from_state(run.state.epoch_totals, run.runtime.device)
+    return run.state.epoch_totals
 
 
 def finish_epoch(run, train_result):
-    """Evaluate, record, print and checkpoint one finished epoch."""
-    evaluation = evaluate(unwrap_model(run.model), run.test_loader, run.runtime, run.precision, run.tta)
+    """Evaluate on the selection split, record, print and checkpoint one finished epoch."""
+    evaluation = evaluate(unwrap_model(run.model), run.val_loader or run.test_loader, run.runtime, run.precision,
+                          run.tta)
     state = run.state
     state.epoch, state.step, state.epoch_totals = state.epoch + 1, 0, None
     is_best = not state.history or evaluation.top1 > state.best_top1
@@ -478,55 +615,142 @@ def finish_epoch(run, train_result):
     row = {"epoch": state.epoch, "epoch_seconds": round(train_result.seconds + evaluation.seconds, 3),
            "train_seconds": round(train_result.seconds, 3), "images": train_result.images,
            "train_loss": round(train_result.loss, 5), "train_top1": round(train_result.top1, 5),
-           "test_loss": round(evaluation.loss, 5), "test_top1": round(evaluation.top1, 5),
-           "test_top5": round(evaluation.top5, 5), "lr": current_lr(run.optimizer),
+           **evaluation_columns(run.selection_split, evaluation), "lr": current_lr(run.optimizer),
            "images_per_sec": round(train_result.images_per_sec, 1), "best": int(is_best)}
     state.history.append(row)
     if run.runtime.is_main:
-        print(format_epoch_line(row, run.epochs), flush=True)
-    save_checkpoint(run, ["last.pt", "best.pt"] if is_best else ["last.pt"])
+        print(format_epoch_line(row, run.epochs, run.selection_split), flush=True)
+    if is_best:
+        run.best_weights = snapshot_to_host(unwrap_model(run.model).state_dict())
+    save_checkpoint(run, ["best.pt", "last.pt"] if is_best else ["last.pt"])
     if run.runtime.is_main:
-        write_metrics(run.checkpoint_dir / "metrics.csv", state.history)
         log_tensorboard(run.tensorboard, row)
 
 
-def format_epoch_line(row, epochs):
+def evaluation_columns(split, evaluation):
+    return {f"{split}_loss": round(evaluation.loss, 5), f"{split}_top1": round(evaluation.top1, 5),
+            f"{split}_top5": round(evaluation.top5, 5)}
+
+
+def test_final_and_best(run):
+    """With a validation split: the test set's verdict on the final model and on the best epoch's (best.pt)."""
+    final = evaluate(unwrap_model(run.model), run.test_loader, run.runtime, run.precision, run.tta)
+    best_model = model_from_config(run.model_config)
+    # A resumed run whose best epoch came before the resume finds it only in best.pt.
+    best_model.load_state_dict(run.best_weights or load_checkpoint(run.checkpoint_dir / "best.pt")["model"])
+    best_model.to(run.runtime.device, memory_format=torch.channels_last)
+    best = evaluate(best_model, run.test_loader, run.runtime, run.precision, run.tta)
+    return final, best
+
+
+def format_epoch_line(row, epochs, split="test"):
     return (f"epoch {row['epoch']:>3}/{epochs} | {row['epoch_seconds']:6.1f}s | train loss {row['train_loss']:.4f} | "
-            f"test loss {row['test_loss']:.4f} | top-1 {100 * row['test_top1']:5.2f}% | "
-            f"top-5 {100 * row['test_top5']:5.2f}% | lr {row['lr']:.5f} | {row['images_per_sec']:,.0f} img/s"
+            f"{split} loss {row[f'{split}_loss']:.4f} | top-1 {100 * row[f'{split}_top1']:5.2f}% | "
+            f"top-5 {100 * row[f'{split}_top5']:5.2f}% | lr {row['lr']:.5f} | {row['images_per_sec']:,.0f} img/s"
             + (" | new best" if row["best"] else ""))
 
 
 def log_tensorboard(writer, row):
     if writer is None:
         return
-    for key in ("train_loss", "train_top1", "test_loss", "test_top1", "test_top5", "lr", "images_per_sec"):
-        writer.add_scalar(key, row[key], row["epoch"])
+    for key in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "test_loss", "test_top1", "test_top5",
+                "lr", "images_per_sec"):
+        if key in row:
+            writer.add_scalar(key, row[key], row["epoch"])
     writer.flush()
 
 
 def save_checkpoint(run, names):
-    """Write the run's whole state to each of `names` in the checkpoint folder (rank 0; all ranks must call)."""
+    """Snapshot the run's whole state to host memory now, and write it to each of `names` (and metrics.csv)
+    in the background (rank 0; all ranks must call)."""
     rng_states = gather_rng_states(run.runtime)
     if not run.runtime.is_main:
         return
     state = run.state
-    data = checkpoint_bytes({
+    checkpoint = snapshot_to_host({
         "format": CHECKPOINT_FORMAT, "model_config": run.model_config,
         "model": unwrap_model(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(), "epoch": state.epoch, "step": state.step,
         "epoch_totals": state.epoch_totals, "best_top1": state.best_top1,
-        "early_stopping": run.early_stopping.state_dict(), "history": state.history, "args": run.args,
+        "early_stopping": run.early_stopping.state_dict(), "history": list(state.history), "args": run.args,
         "rng": rng_states,
     })
-    for name in names:
-        atomic_write(run.checkpoint_dir / name, data)
+    run.writer.submit(run.checkpoint_dir, checkpoint, names)
+
+
+def snapshot_to_host(value):
+    """A copy of every tensor in `value` in host memory, taken now, so training can go on changing the originals."""
+    copies = []
+
+    def copy(item):
+        if isinstance(item, torch.Tensor):
+            if item.device.type != "cuda":
+                return item.detach().clone()
+            host = torch.empty(item.shape, dtype=item.dtype, pin_memory=True)
+            copies.append(host)
+            return host.copy_(item.detach(), non_blocking=True)
+        if isinstance(item, dict):
+            return {key: copy(entry) for key, entry in item.items()}
+        if isinstance(item, (list, tuple)):
+            return type(item)(copy(entry) for entry in item)
+        return item
+
+    result = copy(value)
+    if copies:
+        torch.cuda.synchronize()
+    return result
+
+
+class CheckpointWriter:
+    """Writes checkpoints from one background thread, one save at a time, so the next epoch starts at once.
+
+    A save writes best.pt (if it is one), then metrics.csv, then last.pt, each atomically: a kill
+    at any moment leaves whole files, and last.pt, the file a resume reads, is never ahead of the
+    others. A failed write is raised, as a CheckpointError, by the next `submit` or `wait`.
+    """
+
+    def __init__(self):
+        self.thread, self.error = None, None
+
+    def submit(self, directory, checkpoint, names):
+        self.wait()
+        self.thread = threading.Thread(target=self.write, args=(Path(directory), checkpoint, names),
+                                       name="checkpoint-writer")
+        self.thread.start()
+
+    def write(self, directory, checkpoint, names):
+        try:
+            data = checkpoint_bytes(checkpoint)
+            for name in [name for name in names if name != "last.pt"]:
+                atomic_write(directory / name, data)
+            write_metrics(directory / "metrics.csv", checkpoint["history"])
+            if "last.pt" in names:
+                atomic_write(directory / "last.pt", data)
+        except CheckpointError as err:
+            self.error = err
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+def match_parameter_layouts(optimizer):
+    """Loaded momentum buffers come back contiguous; fused SGD needs each in its parameter's (channels_last) layout."""
+    for parameter, state in optimizer.state.items():
+        if "momentum_buffer" in state and state["momentum_buffer"] is not None:
+            state["momentum_buffer"] = torch.empty_like(parameter).copy_(state["momentum_buffer"])
 
 
 def restore_run(run, checkpoint):
     """Put a run back where `checkpoint` left it: weights, optimizer, schedule, counters and generators."""
     unwrap_model(run.model).load_state_dict(checkpoint["model"])
     run.optimizer.load_state_dict(checkpoint["optimizer"])
+    lr_to_float(run.optimizer)
+    match_parameter_layouts(run.optimizer)
     load_scheduler_state(run.scheduler, checkpoint["scheduler"])
     run.early_stopping.load_state_dict(checkpoint["early_stopping"])
     run.state = RunState(checkpoint["epoch"], checkpoint["step"], checkpoint.get("epoch_totals"),

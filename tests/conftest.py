@@ -8,6 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# Every test runs on the CPU, also on a GPU machine, so bit-exact and multi-process checks hold there too.
+# tests/test_gpu.py runs its checks in subprocesses that see the GPUs again (GPU_ENV).
+GPU_ENV = dict(os.environ)
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
 REPO = Path(__file__).resolve().parent.parent
 LEARNABLE_CLASSES = 10  # a colour per class: learnable in a few steps, labels still in 0..99
 TINY_MODEL = ["--model", "wideresnet", "--depth", "10", "--widen-factor", "1"]

@@ -14,7 +14,7 @@ from train_utils import load_checkpoint, read_metrics
     ["--epochs", "0"], ["--target-accuracy", "1.5"], ["--target-accuracy", "0"], ["--model", "vgg16"],
     ["--momentum", "1"], ["--weight-decay", "-1"], ["--label-smoothing", "1"], ["--patience", "0"],
     ["--depth", "4"], ["--dropout", "inf"], ["--workers", "0"], ["--precision", "fp16"], ["--seed", "x"],
-    ["--resume", "--evaluate"],
+    ["--resume", "--evaluate"], ["--nesterov", "--momentum", "0"], ["--cutout", "33"], ["--val-size", "-5"],
 ])
 def test_bad_flags_exit_2_with_a_message(train_main, capsys, flags):
     with pytest.raises(SystemExit) as exited:
@@ -31,12 +31,33 @@ def test_end_to_end_run_writes_checkpoints_and_metrics(cifar_dir, tmp_path):
     epoch_line = next(line for line in result.stdout.splitlines() if line.startswith("epoch"))
     for part in ("1/1", "train loss", "test loss", "top-1", "top-5", "lr", "img/s", "new best"):
         assert part in epoch_line
-    assert "best top-1" in result.stdout and "img/s overall" in result.stdout
+    assert "best test top-1" in result.stdout and "img/s overall" in result.stdout
     checkpoint = load_checkpoint(tmp_path / "ckpt" / "last.pt")
     assert checkpoint["epoch"] == 1 and checkpoint["model_config"]["name"] == "resnet18"
     assert (tmp_path / "ckpt" / "best.pt").is_file()
     rows = read_metrics(tmp_path / "ckpt" / "metrics.csv")
     assert len(rows) == 1 and float(rows[0]["images_per_sec"]) > 0 and rows[0]["images"] == "64"
+
+
+def test_a_validation_split_picks_the_best_epoch_and_the_test_set_is_used_once_at_the_end(cifar_dir, tmp_path):
+    result = run_train(*tiny_run_args(cifar_dir, tmp_path / "ckpt", "--epochs", "2", "--val-size", "20"))
+    assert result.returncode == 0, result.stderr
+    assert "training on 44 images; best.pt and early stopping judged on the val set" in result.stdout
+    epoch_lines = [line for line in result.stdout.splitlines() if line.startswith("epoch")]
+    assert len(epoch_lines) == 2 and all("val loss" in line and "test" not in line for line in epoch_lines)
+    assert "for the final model" in result.stdout.splitlines()[-1] and "for best.pt" in result.stdout
+    rows = read_metrics(tmp_path / "ckpt" / "metrics.csv")
+    assert all(row["val_top1"] and not row["test_top1"] for row in rows)
+
+
+
+def test_a_resumed_run_with_a_validation_split_still_tests_best_pt_at_the_end(train_main, cifar_dir, tmp_path,
+                                                                              capsys):
+    common = tiny_run_args(cifar_dir, tmp_path / "ckpt", "--epochs", "3", "--val-size", "20")
+    assert train_main([*common, "--target-accuracy", "0.01", "--patience", "1"]) == 0
+    capsys.readouterr()
+    assert train_main([*common[:-2], "--resume", "--target-accuracy", "1.0"]) == 0
+    assert "for best.pt" in capsys.readouterr().out
 
 
 def test_two_epochs_equal_one_epoch_plus_resume(train_main, cifar_dir, tmp_path):
@@ -115,7 +136,8 @@ def test_missing_data_without_network_is_one_clear_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"error: CIFAR-100 not found: put cifar-100-python.tar.gz or its extracted cifar-100-python/ folder in "
-        f"{tmp_path / 'nowhere'} (or allow the download: drop --no-download)"]
+        f"{tmp_path / 'nowhere'} (see the README's Data section), or drop --no-download"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no empty data or checkpoint folder left behind
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "foreign"])
@@ -162,7 +184,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(cifar_dir, tmp_
     result = run_train(*tiny_run_args(cifar_dir, tmp_path / "ckpt", "--resume", "--epochs", "2"),
                        preexec_fn=limit_file_size)
     assert result.returncode == 1
-    assert "error: could not write" in result.stderr and "the previous last.pt, if any, is untouched" in result.stderr
+    assert "error: could not write" in result.stderr and ", if any, is untouched" in result.stderr
     assert load_checkpoint(tmp_path / "ckpt" / "last.pt")["epoch"] == 1
     assert not [p for p in (tmp_path / "ckpt").iterdir() if ".tmp" in p.name]
 

@@ -1,4 +1,5 @@
 import math
+import os
 import pickle
 
 import pytest
@@ -6,9 +7,10 @@ import torch
 
 import dataset_utils
 from conftest import write_cifar100
-from dataset_utils import (CIFAR100_MEAN, CIFAR100_STD, CIFAR100Folder, DataError, EvalLoader, TrainLoader,
+from dataset_utils import (ARCHIVE_NAME, CIFAR100_MEAN, CIFAR100_STD, DataError, EvalLoader, TrainLoader,
                            adjust_brightness, adjust_contrast, adjust_saturation, color_jitter, horizontal_flip,
-                           load_cifar100, normalize, plan_epoch, random_crop, read_cifar100, rotate)
+                           DataConfig, augment, cutout, load_cifar100, normalize, plan_epoch, random_crop, read_cifar100, rotate,
+                           split_validation)
 
 
 def random_batch(size=8, seed=0):
@@ -38,10 +40,42 @@ def test_missing_data_without_download_says_where_to_put_it(tmp_path):
         read_cifar100(tmp_path, download=False)
 
 
-def test_failed_download_says_where_to_put_the_data(tmp_path, monkeypatch):
-    monkeypatch.setattr(CIFAR100Folder, "url", "http://127.0.0.1:9/cifar-100-python.tar.gz")  # nothing listens
-    with pytest.raises(DataError, match="could not get CIFAR-100 .*put cifar-100-python.tar.gz"):
-        read_cifar100(tmp_path, download=True)
+def test_failed_download_says_where_to_put_the_data_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(dataset_utils, "ARCHIVE_URL", "http://127.0.0.1:9/cifar-100-python.tar.gz")  # nothing listens
+    with pytest.raises(DataError, match="could not download CIFAR-100 .*put cifar-100-python.tar.gz"):
+        read_cifar100(tmp_path / "data" / "cifar", download=True)
+    assert list(tmp_path.iterdir()) == []  # no empty data folder, no partial archive
+
+
+def test_a_damaged_archive_is_named_with_both_md5_sums_and_never_downloaded_again(tmp_path, monkeypatch):
+    (tmp_path / ARCHIVE_NAME).write_bytes(b"the first megabyte of a download that broke off")
+    monkeypatch.setattr(dataset_utils, "download_archive", lambda archive: pytest.fail("reached for the network"))
+    for download in (True, False):
+        with pytest.raises(DataError) as refused:
+            read_cifar100(tmp_path, download=download)
+        message = str(refused.value)
+        assert f"{tmp_path / ARCHIVE_NAME} is damaged (md5 " in message and dataset_utils.ARCHIVE_MD5 in message
+        assert "delete it" in message and "\n" not in message
+
+
+def test_a_meta_file_that_would_run_code_is_refused_unrun(cifar_dir, tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'PWNED'}",))
+
+    path = cifar_dir / "cifar-100-python" / "meta"
+    path.write_bytes(pickle.dumps({"fine_label_names": Payload()}))
+    with pytest.raises(DataError, match=f"{path}: unreadable CIFAR-100 meta file .*never holds"):
+        read_cifar100(cifar_dir, download=False)
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("labels", [["3"] * 64, [3.7] * 64])
+def test_labels_that_are_not_whole_numbers_are_refused(cifar_dir, labels):
+    path = cifar_dir / "cifar-100-python" / "train"
+    rewrite_split(path, fine_labels=labels)
+    with pytest.raises(DataError, match=f"{path}: expected 'fine_labels' as a list of whole numbers"):
+        read_cifar100(cifar_dir, download=False)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
@@ -182,7 +216,7 @@ def test_epoch_plan_depends_only_on_seed_and_epoch():
 
 
 def test_loaders_yield_normalised_channels_last_batches(cifar_dir):
-    train, test = load_cifar100(16, cifar_dir, download=False, test_batch_size=10)
+    train, _, test = load_cifar100(DataConfig(16, cifar_dir, download=False, test_batch_size=10))
     batches = list(train.batches(epoch=0))
     assert len(batches) == train.steps_per_epoch == 4
     images, labels = batches[0]
@@ -236,7 +270,7 @@ def test_resuming_mid_epoch_serves_the_remaining_batches(cifar_dir):
 
 def test_batch_larger_than_the_data_is_refused(cifar_dir):
     with pytest.raises(DataError, match="larger than the 64 training images"):
-        load_cifar100(128, cifar_dir, download=False)
+        load_cifar100(DataConfig(128, cifar_dir, download=False))
 
 
 def test_augmented_batches_keep_shape_dtype_and_plausible_statistics():
@@ -248,3 +282,51 @@ def test_augmented_batches_keep_shape_dtype_and_plausible_statistics():
     # Uniform pixels normalise to about (0.5 - mean) / std; padding and rotation pull a little towards black.
     black = normalize(torch.zeros(1, 3, 1, 1))
     assert (batch >= black - 1e-5).all()
+
+
+def test_an_epoch_augmented_at_once_equals_batch_by_batch_augmentation(monkeypatch):
+    images = (torch.rand(96, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 255).to(torch.uint8)
+    monkeypatch.setattr(dataset_utils, "AUGMENT_CHUNK_IMAGES", 32)  # several chunks, each with several jitter orders
+    loader = TrainLoader(images, torch.arange(96), batch_size=8, seed=4, cutout_size=8)
+    plan = plan_epoch(96, loader.steps_per_epoch, 4, 2, "cpu")
+    for step, (batch, labels) in enumerate(loader.batches(epoch=2)):
+        positions = loader.positions(step)
+        expected = augment(images[plan.order[positions]], plan, positions, plan.jitter_order[step], cutout_size=8)
+        assert torch.equal(batch, expected.contiguous(memory_format=torch.channels_last)), step
+        assert torch.equal(labels, plan.order[positions])
+
+
+def test_cutout_zeroes_one_square_clipped_at_the_border():
+    images = torch.ones(3, 3, 32, 32)
+    centres = torch.tensor([[16, 16], [0, 0], [31, 20]])
+    cut = cutout(images, centres, 8)
+    zeroed = (cut == 0).all(1)  # (3, 32, 32): where every channel was zeroed
+    assert zeroed.sum((1, 2)).tolist() == [64, 16, 40]  # whole, quarter (corner), five rows of eight (bottom edge)
+    assert zeroed[0, 12:20, 12:20].all() and zeroed[1, :4, :4].all() and zeroed[2, 27:, 16:24].all()
+    assert torch.equal(cut[~zeroed[:, None].expand_as(cut)], images[~zeroed[:, None].expand_as(cut)])
+
+
+def test_cutout_centres_cover_the_whole_image():
+    plan = plan_epoch(20_000, 1, 0, 0, "cpu")
+    assert plan.cutout_centres.min() == 0 and plan.cutout_centres.max() == 31
+
+
+def test_the_validation_split_is_class_balanced_fixed_and_disjoint():
+    labels = torch.arange(1000) % 10
+    train, val = split_validation(labels, 105)
+    assert len(val) == 105 and len(train) == 895
+    assert set(train.tolist()).isdisjoint(val.tolist()) and len(set(train.tolist()) | set(val.tolist())) == 1000
+    per_class = torch.bincount(labels[val], minlength=10)
+    assert per_class.max() - per_class.min() <= 1
+    assert torch.equal(split_validation(labels, 105)[1], val)  # the same split every time, whatever the run's seed
+    with pytest.raises(DataError, match="asks for 11 images of class 0, which has only 10"):
+        split_validation(torch.arange(100) % 10, 101)
+
+
+def test_load_cifar100_holds_the_validation_images_out_of_training(cifar_dir):
+    train, val, test = load_cifar100(DataConfig(8, cifar_dir, download=False, val_size=20))
+    assert len(train.images) == 44 and len(val.images) == 20 and len(test.images) == 32
+    arrays = read_cifar100(cifar_dir, download=False)
+    _, val_indices = split_validation(arrays.train_labels, 20)
+    expected = normalize(arrays.train_images[val_indices].float() / 255)
+    assert torch.allclose(torch.cat([images for images, _ in val]), expected)

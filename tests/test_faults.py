@@ -122,3 +122,20 @@ def finish_after_stale_temp(cifar_dir, checkpoint_dir):
     (checkpoint_dir / ".last.pt.tmp99999").write_bytes(b"half a checkpoint")
     result = run_train(*tiny_run_args(cifar_dir, checkpoint_dir, "--resume", "--epochs", 3))
     return result.returncode == 0 and not list(checkpoint_dir.glob(".*.tmp*"))
+
+
+def test_a_kill_while_a_background_checkpoint_write_is_in_flight_then_resume_matches(run_setup, tmp_path):
+    cifar_dir, reference = run_setup
+    checkpoint_dir = tmp_path / "ckpt"
+    process = start_train(*tiny_run_args(cifar_dir, checkpoint_dir, "--epochs", EPOCHS))
+    deadline = time.monotonic() + 120
+    # The writer thread writes each file to a temporary name first: seeing one means a write is in flight.
+    while not (checkpoint_dir.is_dir() and any(".tmp" in p.name and p.name != ".write-test"
+                                                for p in checkpoint_dir.iterdir())):
+        assert process.poll() is None and time.monotonic() < deadline, "no background write was caught in flight"
+    process.kill()
+    process.communicate()
+    if (checkpoint_dir / "last.pt").exists():
+        load_checkpoint(checkpoint_dir / "last.pt")
+    finish_by_resuming(cifar_dir, checkpoint_dir)
+    assert_same_weights(reference, load_weights(checkpoint_dir / "last.pt"))

@@ -9,31 +9,36 @@ import numpy as np
 import pytest
 import torch
 
-from dataset_utils import load_cifar100
+from dataset_utils import DataConfig, load_cifar100
 from device_utils import Runtime
 from model import build_model
 from train_utils import (CheckpointError, EarlyStopping, NonFiniteLossError, atomic_write, capture_rng_state,
                          evaluate, load_checkpoint, make_criterion, make_optimizer, make_scheduler,
-                         restore_rng_state, train_one_epoch)
+                         make_train_step, restore_rng_state, snapshot_to_host, train_one_epoch,
+                         uses_cuda_graphs)
 
 CPU = Runtime(torch.device("cpu"))
 
 
 def tiny_setup(cifar_dir, lr=0.05, epochs=3):
     torch.manual_seed(0)
-    train, test = load_cifar100(16, cifar_dir, download=False)
+    train, _, test = load_cifar100(DataConfig(16, cifar_dir, download=False))
     model = build_model("wideresnet", depth=10, widen_factor=1).to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, lr)
     scheduler = make_scheduler(optimizer, lr, epochs * train.steps_per_epoch)
     return model, train, test, optimizer, scheduler
 
 
+def eager_step(model, optimizer, criterion=None):
+    return make_train_step(model, optimizer, criterion or make_criterion(), CPU, "fp32")
+
+
 def test_a_few_epochs_on_learnable_data_reduce_the_loss(cifar_dir):
     model, train, test, optimizer, scheduler = tiny_setup(cifar_dir)
     before = evaluate(model, test, CPU, "fp32")
+    step = eager_step(model, optimizer)
     for epoch in range(3):
-        train_one_epoch(model, train, optimizer, scheduler, make_criterion(), epoch, CPU, "fp32",
-                        show_progress=False)
+        train_one_epoch(step, train, scheduler, epoch, CPU, show_progress=False)
     after = evaluate(model, test, CPU, "fp32")
     assert after.loss < before.loss - 1.0
     assert after.top1 > 0.5 > before.top1
@@ -41,8 +46,7 @@ def test_a_few_epochs_on_learnable_data_reduce_the_loss(cifar_dir):
 
 def test_train_one_epoch_counts_every_image_it_trains_on(cifar_dir):
     model, train, _, optimizer, scheduler = tiny_setup(cifar_dir)
-    totals, stopped = train_one_epoch(model, train, optimizer, scheduler, make_criterion(), 0, CPU, "fp32",
-                                      show_progress=False)
+    totals, stopped = train_one_epoch(eager_step(model, optimizer), train, scheduler, 0, CPU, show_progress=False)
     assert stopped is None and totals.images == 64 and totals.seconds > 0
     assert 0 <= totals.correct.item() <= 64 and torch.isfinite(totals.loss_sum)
 
@@ -57,7 +61,7 @@ def test_a_nan_loss_names_the_epoch_and_step(cifar_dir):
         return loss * float("nan") if len(calls) == 3 else loss
 
     with pytest.raises(NonFiniteLossError, match="epoch 5, step 3"):
-        train_one_epoch(model, train, optimizer, scheduler, poisoned, 4, CPU, "fp32", show_progress=False)
+        train_one_epoch(eager_step(model, optimizer, poisoned), train, scheduler, 4, CPU, show_progress=False)
 
 
 def test_early_stopping_waits_for_patience_consecutive_epochs():
@@ -141,3 +145,40 @@ def test_untrusted_checkpoints_are_refused_in_one_line(tmp_path, damage):
         load_checkpoint(path)
     assert "\n" not in str(refused.value) and str(path) in str(refused.value)
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_evaluate_leaves_the_model_in_the_mode_it_found(cifar_dir):
+    model, _, test, _, _ = tiny_setup(cifar_dir)
+    for training in (True, False):
+        model.train(training)
+        evaluate(model, test, CPU, "fp32")
+        assert model.training == training
+
+
+def test_momentum_stays_what_the_flag_says_through_the_one_cycle(cifar_dir):
+    model, train, _, _, _ = tiny_setup(cifar_dir)
+    optimizer = make_optimizer(model, 0.05, momentum=0.5)
+    scheduler = make_scheduler(optimizer, 0.05, 2 * train.steps_per_epoch)
+    lrs = []
+    for epoch in range(2):
+        train_one_epoch(eager_step(model, optimizer), train, scheduler, epoch, CPU, show_progress=False)
+        lrs.append(optimizer.param_groups[0]["lr"])
+        assert optimizer.param_groups[0]["momentum"] == 0.5
+    assert lrs[0] > lrs[1]  # the lr did cycle
+
+
+def test_cuda_graphs_only_for_one_cuda_process_and_only_when_wanted():
+    cuda = torch.device("cuda")
+    assert uses_cuda_graphs(Runtime(cuda))
+    assert not uses_cuda_graphs(Runtime(cuda), cuda_graphs=False)
+    assert not uses_cuda_graphs(Runtime(cuda, rank=0, world_size=2))  # torchrun: the eager step, under DDP
+    assert not uses_cuda_graphs(CPU) and not uses_cuda_graphs(Runtime(torch.device("mps")))
+
+
+def test_a_snapshot_keeps_the_values_of_the_moment_it_was_taken(cifar_dir):
+    model, train, _, optimizer, scheduler = tiny_setup(cifar_dir)
+    snapshot = snapshot_to_host({"model": model.state_dict(), "nested": [optimizer.state_dict()]})
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    train_one_epoch(eager_step(model, optimizer), train, scheduler, 0, CPU, show_progress=False)
+    assert any(not torch.equal(before[key], model.state_dict()[key]) for key in before)
+    assert all(torch.equal(before[key], snapshot["model"][key]) for key in before)

@@ -1,0 +1,78 @@
+"""The in-process GPU checks of test_gpu.py; each runs in its own process: `python tests/gpu_checks.py CHECK`."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from device_utils import Runtime  # noqa: E402
+from model import build_model  # noqa: E402
+from train_utils import make_criterion, make_optimizer, make_scheduler, make_train_step  # noqa: E402
+
+
+def two_identical_steps(graphed, criterion=None):
+    torch.manual_seed(0)
+    model = build_model("wideresnet", depth=10, widen_factor=2).cuda().to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, lr=0.05, nesterov=True)
+    step = make_train_step(model, optimizer, criterion or make_criterion(0.1), Runtime(torch.device("cuda")), "bf16",
+                           cuda_graphs=graphed)
+    return model, optimizer, step
+
+
+def fixed_batches(count, size=64):
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(count, size, 3, 32, 32, generator=generator).cuda().to(torch.bfloat16)
+    labels = torch.randint(0, 100, (count, size), generator=generator).cuda()
+    return [(images[i].contiguous(memory_format=torch.channels_last), labels[i]) for i in range(count)]
+
+
+def check_graph_replays_match_eager_steps():
+    batches = fixed_batches(12)
+    results = []
+    for graphed in (False, True):
+        model, optimizer, step = two_identical_steps(graphed)
+        scheduler = make_scheduler(optimizer, 0.05, len(batches))
+        step.start_epoch(0)
+        for images, labels in batches:
+            step(images, labels)
+            scheduler.step()
+        torch.cuda.synchronize()
+        assert graphed == (step.graph is not None), "the graph was not captured"
+        results.append(([p.detach().float().clone() for p in model.parameters()], step.sums.clone(),
+                        float(optimizer.param_groups[0]["lr"])))
+    (eager, eager_sums, eager_lr), (replayed, replayed_sums, replayed_lr) = results
+    start = [p.detach().float() for p in two_identical_steps(False)[0].parameters()]
+    moved = sum((a - s).norm() ** 2 for a, s in zip(eager, start)).sqrt()
+    apart = sum((a - b).norm() ** 2 for a, b in zip(eager, replayed)).sqrt()
+    print(f"eager moved the weights {moved:.4g}; graph and eager differ by {apart:.4g}")
+    assert apart < 0.05 * moved  # bf16 rounding and cudnn's algorithm choice, not a different computation
+    assert eager_sums[2] == replayed_sums[2] == len(batches) and eager_sums[3] == replayed_sums[3] == -1
+    assert abs(eager_sums[0] - replayed_sums[0]) < 0.02 * eager_sums[0]
+    assert eager_lr == pytest.approx(replayed_lr)
+
+
+def check_a_refused_capture_falls_back_to_eager():
+    plain = make_criterion()
+
+    def syncing_criterion(logits, labels):
+        loss = plain(logits, labels)
+        if torch.cuda.is_current_stream_capturing():
+            loss.item()  # a host sync: capture refuses it
+        return loss
+
+    batches = fixed_batches(8)
+    model, optimizer, step = two_identical_steps(True, syncing_criterion)
+    scheduler = make_scheduler(optimizer, 0.05, len(batches))
+    step.start_epoch(0)
+    for images, labels in batches:
+        step(images, labels)
+        scheduler.step()
+    torch.cuda.synchronize()
+    assert step.graph is None and step.failed
+    assert step.sums[2].item() == len(batches) and torch.isfinite(step.sums[0])
+
+
+if __name__ == "__main__":
+    globals()[sys.argv[1]]()
