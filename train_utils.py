@@ -175,6 +175,7 @@ class TrainStep:
         self.sums = torch.zeros(4, device=device)
         self.setup_seconds = 0.0  # time spent preparing the step (graph capture), not training
         self.first_step_at = None  # time.time() when the process's first step had finished
+        self.last_lr = None  # the lr of the last step of the last full epoch
 
     def start_epoch(self, start_step, totals=None):
         loss_sum, correct = (totals["loss_sum"], totals["correct"]) if totals else (0.0, 0.0)
@@ -288,13 +289,15 @@ def train_one_epoch(train_step, loader, scheduler, epoch, runtime, start_step=0,
     stopped_at_step = None
     for step, (images, labels) in enumerate(loader.batches(epoch, start_step), start_step):
         train_step(images, labels)
+        last_step = step + 1 == loader.steps_per_epoch
+        if last_step:  # the lr this step used, before the schedule moves past it (one read an epoch)
+            train_step.last_lr = current_lr(scheduler.optimizer)
         scheduler.step()
         if train_step.first_step_at is None:
             synchronize(runtime.device)
             train_step.first_step_at = time.time()
         images_done += len(labels)
         bar.update(1)
-        last_step = step + 1 == loader.steps_per_epoch
         interrupted_here = interrupt is not None and interrupt.requested and not runtime.distributed
         if (step + 1) % sync_every == 0 or last_step or interrupted_here:
             loss_sum, _, steps_done, first_bad_step = check_in(train_step.sums, interrupt, runtime)
@@ -615,7 +618,7 @@ def finish_epoch(run, train_result):
     row = {"epoch": state.epoch, "epoch_seconds": round(train_result.seconds + evaluation.seconds, 3),
            "train_seconds": round(train_result.seconds, 3), "images": train_result.images,
            "train_loss": round(train_result.loss, 5), "train_top1": round(train_result.top1, 5),
-           **evaluation_columns(run.selection_split, evaluation), "lr": current_lr(run.optimizer),
+           **evaluation_columns(run.selection_split, evaluation), "lr": run.train_step.last_lr,
            "images_per_sec": round(train_result.images_per_sec, 1), "best": int(is_best)}
     state.history.append(row)
     if run.runtime.is_main:

@@ -15,12 +15,27 @@ from train_utils import load_checkpoint, read_metrics
     ["--momentum", "1"], ["--weight-decay", "-1"], ["--label-smoothing", "1"], ["--patience", "0"],
     ["--depth", "4"], ["--dropout", "inf"], ["--workers", "0"], ["--precision", "fp16"], ["--seed", "x"],
     ["--resume", "--evaluate"], ["--nesterov", "--momentum", "0"], ["--cutout", "33"], ["--val-size", "-5"],
+    ["--seed", "4294967296"], ["--depth", "12"], ["--widen-factor", "10000"],
 ])
 def test_bad_flags_exit_2_with_a_message(train_main, capsys, flags):
     with pytest.raises(SystemExit) as exited:
         train_main(flags)
     assert exited.value.code == 2
-    assert "error:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert ": error: " in err and err.count("\n") == 1  # one line, no usage block
+
+
+def test_help_and_flag_errors_answer_without_loading_torch():
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    probe = ("import runpy, sys; sys.argv = ['train.py'] + sys.argv[1:]\n"
+             "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+             "except SystemExit as exit:\n    print('torch loaded' if 'torch' in sys.modules else 'no torch', exit.code)")
+    for flags, code in ((["--help"], 0), (["--lr", "0"], 2)):
+        result = subprocess.run([sys.executable, "-c", probe, *flags], cwd=REPO, capture_output=True, text=True)
+        assert result.stdout.strip().splitlines()[-1] == f"no torch {code}", result.stdout + result.stderr
 
 
 def test_end_to_end_run_writes_checkpoints_and_metrics(cifar_dir, tmp_path):
@@ -37,6 +52,8 @@ def test_end_to_end_run_writes_checkpoints_and_metrics(cifar_dir, tmp_path):
     assert (tmp_path / "ckpt" / "best.pt").is_file()
     rows = read_metrics(tmp_path / "ckpt" / "metrics.csv")
     assert len(rows) == 1 and float(rows[0]["images_per_sec"]) > 0 and rows[0]["images"] == "64"
+    assert float(rows[0]["lr"]) < 1e-5  # the lr the last step used: OneCycle ends near 0, not one step past it
+    assert "done after 1 epoch," in result.stdout
 
 
 def test_a_validation_split_picks_the_best_epoch_and_the_test_set_is_used_once_at_the_end(cifar_dir, tmp_path):
