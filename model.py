@@ -98,12 +98,28 @@ class WideResNet(nn.Module):
         )
         self.bn = nn.BatchNorm2d(widths[2])
         self.fc = nn.Linear(widths[2], num_classes)
+        reference_init(self)
 
     def forward(self, x):
         out = self.stages(self.conv1(x))
         out = F.relu(self.bn(out))
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.fc(out)
+
+
+def reference_init(model):
+    """The WRN authors' initialisation: He-normal (fan_out) convolutions, BatchNorm at identity, a zero classifier bias.
+
+    ResNet18 keeps PyTorch's default initialisation, as kuangliu/pytorch-cifar's does.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.zeros_(module.bias)
 
 
 def _make_stage(block, in_channels, out_channels, stride, blocks, **block_kwargs):

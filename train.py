@@ -90,6 +90,10 @@ def build_parser():
     optim.add_argument("--label-smoothing", type=FRACTION, default=0.0, help="in [0, 1)")
     optim.add_argument("--cutout", type=bounded(int, low=0, high=32), default=0, metavar="SIZE",
                        help="zero one SIZE x SIZE square per training image (0: off)")
+    optim.add_argument("--ema", type=bounded(float, low=0, high=1, high_open=True), default=0.0, metavar="DECAY",
+                       help="also keep an exponential moving average of the weights, updated every step with this "
+                            "decay; it is what is evaluated, saved as best.pt's choice and returned by load_model "
+                            "(0: off)")
     optim.add_argument("--val-size", type=NON_NEGATIVE_INT, default=0, metavar="N",
                        help="hold out N training images (class-balanced, fixed split) to pick best.pt and stop "
                             "early on; the test set is then used only at the end (0: off)")
@@ -151,7 +155,8 @@ import torch.nn as nn  # noqa: E402
 from dataset_utils import NUM_CLASSES, DataConfig, DataError, EvalLoader, load_cifar100, read_cifar100
 from device_utils import (DeviceError, distribute_model, input_dtype, resolve_precision, setup_runtime,
                           teardown_runtime)
-from train_utils import (CheckpointError, EarlyStopping, NonFiniteLossError, Run, atomic_write, check_model_config,
+from train_utils import (CheckpointError, EarlyStopping, NonFiniteLossError, Run, WeightAverage, atomic_write,
+                         check_model_config,
                          describe_model_config, evaluate, fit, load_checkpoint, make_criterion, make_optimizer,
                          make_scheduler, make_train_step, model_from_checkpoint, model_from_config, restore_run,
                          seed_everything, test_final_and_best)
@@ -247,7 +252,7 @@ def train(args, explicit, runtime):
         prepare_checkpoint_dir(checkpoint_dir, resuming=checkpoint is not None)
     run.model = prepare_for_training(run.model, args, runtime)
     run.train_step = make_train_step(run.model, run.optimizer, make_criterion(args.label_smoothing), runtime,
-                                     precision, cuda_graphs=not args.no_cuda_graphs)
+                                     precision, not args.no_cuda_graphs, run.average)
     run.tensorboard = open_tensorboard(checkpoint_dir / "tensorboard") if args.tensorboard and runtime.is_main else None
     if runtime.is_main:
         print(describe_run(run, args, resume_path), flush=True)
@@ -276,9 +281,10 @@ def build_run(args, model_config, runtime, precision, train_loader, val_loader, 
     model = model.to(runtime.device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, args.lr, args.momentum, args.weight_decay, args.nesterov)
     scheduler = make_scheduler(optimizer, args.lr, args.epochs * train_loader.steps_per_epoch)
+    average = WeightAverage(model, args.ema) if args.ema else None
     return Run(model, None, optimizer, scheduler, train_loader, val_loader, test_loader, runtime, precision,
                args.epochs, args.tta, Path(args.checkpoint_dir), model_config, vars(args),
-               EarlyStopping(args.target_accuracy, args.patience))
+               EarlyStopping(args.target_accuracy, args.patience), average=average)
 
 
 def prepare_for_training(model, args, runtime):

@@ -4,6 +4,7 @@ On the GPU the step loop never waits for the device: loss and accuracy are summe
 device and read only at a few sync points per epoch (progress bar, NaN check, interrupt
 agreement between ranks) and once at its end.
 """
+import copy
 import csv
 import io
 import os
@@ -112,6 +113,26 @@ def lr_to_float(optimizer):
         group["lr"] = float(group["lr"])
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights and BatchNorm statistics, updated after every step:
+    average = decay * average + (1 - decay) * current. `model` is the averaged copy, evaluated and saved."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))
+        self.averaged = [mine for mine, theirs in pairs if mine.is_floating_point()]
+        self.current = [theirs for mine, theirs in pairs if mine.is_floating_point()]
+        self.counters = [(mine, theirs) for mine, theirs in pairs if not mine.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self):
+        # One fused launch for every tensor (the same call torch.optim.swa_utils makes for an EMA).
+        torch._foreach_lerp_(self.averaged, self.current, 1 - self.decay)
+        for mine, theirs in self.counters:
+            mine.copy_(theirs)
+
+
 # ---- the loops ----
 
 
@@ -169,9 +190,9 @@ class TrainStep:
     kind = "eager"
     graph = None
 
-    def __init__(self, model, optimizer, criterion, device, precision):
+    def __init__(self, model, optimizer, criterion, device, precision, average=None):
         self.model, self.optimizer, self.criterion = model, optimizer, criterion
-        self.device, self.precision = device, precision
+        self.device, self.precision, self.average = device, precision, average
         self.sums = torch.zeros(4, device=device)
         self.setup_seconds = 0.0  # time spent preparing the step (graph capture), not training
         self.first_step_at = None  # time.time() when the process's first step had finished
@@ -191,6 +212,8 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        if self.average is not None:
+            self.average.update()
         self.record(loss.detach(), logits.detach(), labels)
 
     def record(self, loss, logits, labels):
@@ -213,8 +236,8 @@ class GraphedTrainStep(TrainStep):
     WARMUP_STEPS = 3
     kind = "CUDA graph"
 
-    def __init__(self, model, optimizer, criterion, device, precision):
-        super().__init__(model, optimizer, criterion, device, precision)
+    def __init__(self, model, optimizer, criterion, device, precision, average=None):
+        super().__init__(model, optimizer, criterion, device, precision, average)
         for group in optimizer.param_groups:
             group["lr"] = torch.tensor(float(group["lr"]), device=device)
         self.graph, self.eager_steps, self.failed = None, 0, False
@@ -268,9 +291,9 @@ def uses_cuda_graphs(runtime, cuda_graphs=True):
     return cuda_graphs and runtime.device.type == "cuda" and not runtime.distributed
 
 
-def make_train_step(model, optimizer, criterion, runtime, precision, cuda_graphs=True):
+def make_train_step(model, optimizer, criterion, runtime, precision, cuda_graphs=True, average=None):
     step_class = GraphedTrainStep if uses_cuda_graphs(runtime, cuda_graphs) else TrainStep
-    return step_class(model, optimizer, criterion, runtime.device, precision)
+    return step_class(model, optimizer, criterion, runtime.device, precision, average)
 
 
 def train_one_epoch(train_step, loader, scheduler, epoch, runtime, start_step=0, totals=None, interrupt=None,
@@ -463,9 +486,10 @@ def model_from_config(config):
 
 
 def model_from_checkpoint(checkpoint, device="cpu"):
-    """The checkpoint's model with its weights, on `device`, channels_last, in eval mode."""
+    """The checkpoint's model with its weights (the averaged ones of an --ema run), on `device`, channels_last,
+    in eval mode."""
     model = model_from_config(checkpoint["model_config"])
-    model.load_state_dict(checkpoint["model"])
+    model.load_state_dict(checkpoint.get("ema") or checkpoint["model"])
     return model.to(device, memory_format=torch.channels_last).eval()
 
 
@@ -565,6 +589,11 @@ class Run:
     writer: "CheckpointWriter" = field(default_factory=lambda: CheckpointWriter())
     best_weights: dict = None  # a host copy of the best epoch's weights, for testing it at the end
     tensorboard: object = None
+    average: WeightAverage = None  # with --ema: the averaged weights, which are evaluated and saved as well
+
+    @property
+    def evaluated_model(self):
+        return self.average.model if self.average is not None else unwrap_model(self.model)
 
     @property
     def selection_split(self):
@@ -608,7 +637,7 @@ def resumed_totals(run):
 
 def finish_epoch(run, train_result):
     """Evaluate on the selection split, record, print and checkpoint one finished epoch."""
-    evaluation = evaluate(unwrap_model(run.model), run.val_loader or run.test_loader, run.runtime, run.precision,
+    evaluation = evaluate(run.evaluated_model, run.val_loader or run.test_loader, run.runtime, run.precision,
                           run.tta)
     state = run.state
     state.epoch, state.step, state.epoch_totals = state.epoch + 1, 0, None
@@ -624,7 +653,7 @@ def finish_epoch(run, train_result):
     if run.runtime.is_main:
         print(format_epoch_line(row, run.epochs, run.selection_split), flush=True)
     if is_best:
-        run.best_weights = snapshot_to_host(unwrap_model(run.model).state_dict())
+        run.best_weights = snapshot_to_host(run.evaluated_model.state_dict())
     save_checkpoint(run, ["best.pt", "last.pt"] if is_best else ["last.pt"])
     if run.runtime.is_main:
         log_tensorboard(run.tensorboard, row)
@@ -637,11 +666,13 @@ def evaluation_columns(split, evaluation):
 
 def test_final_and_best(run):
     """With a validation split: the test set's verdict on the final model and on the best epoch's (best.pt)."""
-    final = evaluate(unwrap_model(run.model), run.test_loader, run.runtime, run.precision, run.tta)
-    best_model = model_from_config(run.model_config)
-    # A resumed run whose best epoch came before the resume finds it only in best.pt.
-    best_model.load_state_dict(run.best_weights or load_checkpoint(run.checkpoint_dir / "best.pt")["model"])
-    best_model.to(run.runtime.device, memory_format=torch.channels_last)
+    final = evaluate(run.evaluated_model, run.test_loader, run.runtime, run.precision, run.tta)
+    if run.best_weights is not None:
+        best_model = model_from_config(run.model_config)
+        best_model.load_state_dict(run.best_weights)
+        best_model.to(run.runtime.device, memory_format=torch.channels_last)
+    else:  # a resumed run whose best epoch came before the resume finds it only in best.pt
+        best_model = model_from_checkpoint(load_checkpoint(run.checkpoint_dir / "best.pt"), run.runtime.device)
     best = evaluate(best_model, run.test_loader, run.runtime, run.precision, run.tta)
     return final, best
 
@@ -673,6 +704,7 @@ def save_checkpoint(run, names):
     checkpoint = snapshot_to_host({
         "format": CHECKPOINT_FORMAT, "model_config": run.model_config,
         "model": unwrap_model(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
+        "ema": run.average.model.state_dict() if run.average is not None else None,
         "scheduler": run.scheduler.state_dict(), "epoch": state.epoch, "step": state.step,
         "epoch_totals": state.epoch_totals, "best_top1": state.best_top1,
         "early_stopping": run.early_stopping.state_dict(), "history": list(state.history), "args": run.args,
@@ -751,6 +783,8 @@ def match_parameter_layouts(optimizer):
 def restore_run(run, checkpoint):
     """Put a run back where `checkpoint` left it: weights, optimizer, schedule, counters and generators."""
     unwrap_model(run.model).load_state_dict(checkpoint["model"])
+    if run.average is not None:
+        run.average.model.load_state_dict(checkpoint["ema"])
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     lr_to_float(run.optimizer)
     match_parameter_layouts(run.optimizer)

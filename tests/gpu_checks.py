@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from device_utils import Runtime  # noqa: E402
 from model import build_model  # noqa: E402
-from train_utils import make_criterion, make_optimizer, make_scheduler, make_train_step  # noqa: E402
+from train_utils import WeightAverage, make_criterion, make_optimizer, make_scheduler, make_train_step  # noqa: E402
 
 
 def two_identical_steps(graphed, criterion=None):
@@ -17,7 +17,7 @@ def two_identical_steps(graphed, criterion=None):
     model = build_model("wideresnet", depth=10, widen_factor=2).cuda().to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, lr=0.05, nesterov=True)
     step = make_train_step(model, optimizer, criterion or make_criterion(0.1), Runtime(torch.device("cuda")), "bf16",
-                           cuda_graphs=graphed)
+                           cuda_graphs=graphed, average=WeightAverage(model, 0.9))
     return model, optimizer, step
 
 
@@ -40,10 +40,11 @@ def check_graph_replays_match_eager_steps():
             scheduler.step()
         torch.cuda.synchronize()
         assert graphed == (step.graph is not None), "the graph was not captured"
-        results.append(([p.detach().float().clone() for p in model.parameters()], step.sums.clone(),
+        weights = [*model.parameters(), *step.average.model.parameters()]  # the trained and the averaged weights
+        results.append(([p.detach().float().clone() for p in weights], step.sums.clone(),
                         float(optimizer.param_groups[0]["lr"])))
     (eager, eager_sums, eager_lr), (replayed, replayed_sums, replayed_lr) = results
-    start = [p.detach().float() for p in two_identical_steps(False)[0].parameters()]
+    start = [p.detach().float() for p in two_identical_steps(False)[0].parameters()] * 2
     moved = sum((a - s).norm() ** 2 for a, s in zip(eager, start)).sqrt()
     apart = sum((a - b).norm() ** 2 for a, b in zip(eager, replayed)).sqrt()
     print(f"eager moved the weights {moved:.4g}; graph and eager differ by {apart:.4g}")

@@ -51,3 +51,14 @@ def test_importing_the_modules_has_no_side_effects(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout == "" and result.stderr == ""
     assert list(tmp_path.iterdir()) == []
+
+
+def test_wideresnet_starts_from_the_reference_initialisation():
+    import math
+    model = WideResNet(depth=16, widen_factor=4)
+    conv = model.stages[1][1].conv1  # a stage-2 3x3 convolution, 128 -> 128 channels
+    expected_std = math.sqrt(2 / (conv.out_channels * 9))  # He-normal, fan_out
+    assert abs(conv.weight.std().item() - expected_std) < 0.05 * expected_std
+    assert all((bn.weight == 1).all() and (bn.bias == 0).all()
+               for bn in model.modules() if isinstance(bn, torch.nn.BatchNorm2d))
+    assert (model.fc.bias == 0).all()

@@ -15,7 +15,7 @@ from model import build_model
 from train_utils import (CheckpointError, EarlyStopping, NonFiniteLossError, atomic_write, capture_rng_state,
                          evaluate, load_checkpoint, make_criterion, make_optimizer, make_scheduler,
                          make_train_step, restore_rng_state, snapshot_to_host, train_one_epoch,
-                         uses_cuda_graphs)
+                         uses_cuda_graphs, WeightAverage)
 
 CPU = Runtime(torch.device("cpu"))
 
@@ -182,3 +182,20 @@ def test_a_snapshot_keeps_the_values_of_the_moment_it_was_taken(cifar_dir):
     train_one_epoch(eager_step(model, optimizer), train, scheduler, 0, CPU, show_progress=False)
     assert any(not torch.equal(before[key], model.state_dict()[key]) for key in before)
     assert all(torch.equal(before[key], snapshot["model"][key]) for key in before)
+
+
+def test_the_weight_average_follows_the_ema_formula_for_weights_and_batchnorm_statistics(cifar_dir):
+    model, train, _, optimizer, scheduler = tiny_setup(cifar_dir)
+    average = WeightAverage(model, decay=0.9)
+    step = make_train_step(model, optimizer, make_criterion(), CPU, "fp32", average=average)
+    before = {key: value.clone() for key, value in average.model.state_dict().items()}
+    images, labels = next(train.batches(0))
+    step.start_epoch(0)
+    step(images, labels)
+    after, current = average.model.state_dict(), model.state_dict()
+    for key, value in after.items():
+        if value.is_floating_point():
+            assert torch.allclose(value, 0.9 * before[key] + 0.1 * current[key], atol=1e-6), key
+        else:
+            assert torch.equal(value, current[key]), key  # counters are copied, not averaged
+    assert not torch.equal(after["conv1.weight"], current["conv1.weight"])
