@@ -11,7 +11,9 @@ import time
 STARTED = time.time()  # before the heavy imports, so "first step after" counts them
 
 import argparse
+import fcntl
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -206,23 +208,38 @@ def merge_resume_args(args, explicit, saved, path):
     return argparse.Namespace(**merged)
 
 
+# Temporary files that atomic_write leaves when a run is killed mid-write: ".last.pt.tmp1234".
+STALE_TEMPORARY = re.compile(r"\.(last\.pt|best\.pt|metrics\.csv|\.write-test)\.tmp\d+")
+
+
 def prepare_checkpoint_dir(directory, resuming):
-    """Fail before training, not after the first epoch, if checkpoints could not be written or would clobber a run."""
+    """Lock the run folder for this run and check it, before training rather than after the first epoch.
+
+    Returns the open lock file: the lock holds until the process ends, however it ends.
+    """
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        lock = open(directory / ".lock", "a")
     except OSError as err:
-        raise CheckpointError(f"cannot create checkpoint folder {directory}: {err.strerror or err}") from None
-    for stale in directory.glob(".*.tmp*"):  # left by a run killed mid-write; the real files are intact
-        stale.unlink()
+        raise CheckpointError(f"cannot use checkpoint folder {directory}: {err.strerror or err}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise CheckpointError(f"another run is training in {directory}: wait for it to end, "
+                              f"or use another --checkpoint-dir") from None
+    for stale in directory.iterdir():  # only our own temporaries: the real files beside them are intact
+        if STALE_TEMPORARY.fullmatch(stale.name) and stale.is_file():
+            stale.unlink()
     probe = directory / ".write-test"
     try:
         atomic_write(probe, b"ok")
-    except CheckpointError:
-        raise CheckpointError(f"checkpoint folder {directory} is not writable") from None
+    except CheckpointError as err:
+        raise CheckpointError(f"checkpoint folder {directory} is not writable ({err.reason})") from None
     probe.unlink()
     if not resuming and (directory / "last.pt").exists():
         raise CheckpointError(f"{directory / 'last.pt'} exists: continue it with --resume, "
                               f"or start a new run in another --checkpoint-dir")
+    return lock
 
 
 def train(args, explicit, runtime):
@@ -231,6 +248,8 @@ def train(args, explicit, runtime):
         resume_path = Path(args.resume or Path(args.checkpoint_dir) / "last.pt")
         checkpoint = load_checkpoint(resume_path)
         args = merge_resume_args(args, explicit, checkpoint["args"], resume_path)
+        if "checkpoint_dir" not in explicit:  # the run goes on in the folder of the checkpoint it resumes
+            args.checkpoint_dir = str(resume_path.parent)
     model_config = model_config_from(args)
     if checkpoint is not None:
         check_model_config(checkpoint, model_config, resume_path)
@@ -249,7 +268,7 @@ def train(args, explicit, runtime):
         restore_run(run, checkpoint)
     checkpoint_dir = Path(args.checkpoint_dir)
     if runtime.is_main:  # only now, so that a run failing before it leaves no folder behind
-        prepare_checkpoint_dir(checkpoint_dir, resuming=checkpoint is not None)
+        lock = prepare_checkpoint_dir(checkpoint_dir, resuming=checkpoint is not None)  # noqa: F841 (held)
     run.model = prepare_for_training(run.model, args, runtime)
     run.train_step = make_train_step(run.model, run.optimizer, make_criterion(args.label_smoothing), runtime,
                                      precision, not args.no_cuda_graphs, run.average)
@@ -261,8 +280,9 @@ def train(args, explicit, runtime):
     try:
         outcome = fit(run)
     except NonFiniteLossError as err:
-        raise NonFiniteLossError(f"{err}; stopped with the last good checkpoint, {checkpoint_dir / 'last.pt'}, "
-                                 f"left as it was") from None
+        last = checkpoint_dir / "last.pt"
+        kept = f"the last good checkpoint, {last}, left as it was" if last.exists() else "no checkpoint written yet"
+        raise NonFiniteLossError(f"{err}; stopped with {kept}") from None
     if runtime.is_main:
         print(describe_timing(run), flush=True)
     final_tests = test_final_and_best(run) if run.val_loader is not None and outcome != "interrupted" else None

@@ -4,9 +4,11 @@ On the GPU the step loop never waits for the device: loss and accuracy are summe
 device and read only at a few sync points per epoch (progress bar, NaN check, interrupt
 agreement between ranks) and once at its end.
 """
+import contextlib
 import copy
 import csv
 import io
+import math
 import os
 import pickle
 import random
@@ -37,6 +39,10 @@ METRICS_COLUMNS = ("epoch", "epoch_seconds", "train_seconds", "images", "train_l
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be read, does not fit this run, or cannot be written."""
+
+    def __init__(self, message, reason=None):
+        super().__init__(message)
+        self.reason = reason  # the operating system's word for a failed write, such as "No space left on device"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -137,13 +143,13 @@ class WeightAverage:
 
 
 class Interrupt:
-    """The first SIGINT or SIGTERM asks the loop to stop at a step boundary; a second one quits at once."""
+    """The first SIGINT, SIGTERM or SIGHUP asks the loop to stop at a step boundary; a second one quits at once."""
 
     def __init__(self):
         self.signum = None
 
     def install(self):
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: a closed terminal, a batch system
             signal.signal(signum, self.handle)
 
     def handle(self, signum, frame):
@@ -431,14 +437,19 @@ def atomic_write(path, data):
             os.fsync(handle.fileno())
         os.replace(temporary, path)
     except OSError as err:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the folder itself may be gone or read-only by now
+            temporary.unlink(missing_ok=True)
         raise CheckpointError(f"could not write {path}: {err.strerror or err}; "
-                              f"the previous {path.name}, if any, is untouched") from None
-    directory = os.open(path.parent, os.O_RDONLY)
+                              f"the previous {path.name}, if any, is untouched", err.strerror or str(err)) from None
     try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # make the rename itself durable
+        finally:
+            os.close(directory)
+    except OSError as err:
+        raise CheckpointError(f"could not make the write of {path} durable: {err.strerror or err}",
+                              err.strerror or str(err)) from None
 
 
 def checkpoint_bytes(checkpoint):
@@ -620,12 +631,20 @@ def train_epochs(run):
             run.state.step, run.state.epoch_totals = stopped_at_step, reduce_totals(totals, run.runtime)
             save_checkpoint(run, ["last.pt"])
             return "interrupted"
+        check_state_is_finite(unwrap_model(run.model), run.state.epoch)
         finish_epoch(run, summarize_epoch(totals, run.runtime))
         if any_rank(run.interrupt.requested, run.runtime):
             return "interrupted"
         if run.early_stopping.should_stop:
             return "early-stopped"
     return "finished"
+
+
+def check_state_is_finite(model, epoch):
+    """A finite loss can hide diverged BatchNorm statistics: check every float tensor before saving them."""
+    floats = [tensor for tensor in model.state_dict().values() if tensor.is_floating_point()]
+    if not torch.stack([tensor.isfinite().all() for tensor in floats]).all():
+        raise NonFiniteLossError(f"the weights or BatchNorm statistics became NaN or infinite in epoch {epoch + 1}")
 
 
 def resumed_totals(run):
@@ -639,6 +658,9 @@ def finish_epoch(run, train_result):
     """Evaluate on the selection split, record, print and checkpoint one finished epoch."""
     evaluation = evaluate(run.evaluated_model, run.val_loader or run.test_loader, run.runtime, run.precision,
                           run.tta)
+    if not math.isfinite(evaluation.loss):
+        raise NonFiniteLossError(f"the model's {run.selection_split} loss became NaN or infinite after epoch "
+                                 f"{run.state.epoch + 1}")
     state = run.state
     state.epoch, state.step, state.epoch_totals = state.epoch + 1, 0, None
     is_best = not state.history or evaluation.top1 > state.best_top1

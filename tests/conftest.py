@@ -67,7 +67,7 @@ def train_main():
     import signal
 
     import train
-    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     yield train.main
     for signum, handler in saved.items():
         signal.signal(signum, handler)

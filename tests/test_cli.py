@@ -258,3 +258,66 @@ def test_asking_for_a_missing_device_is_a_clear_error(train_main, cifar_dir, tmp
     assert "error: device 'cuda:99' was asked for, but" in capsys.readouterr().err
     assert train_main(tiny_run_args(cifar_dir, tmp_path / "ckpt", "--device", "tpu")) == 1
     assert "error: unknown device 'tpu'" in capsys.readouterr().err
+
+
+def test_a_diverged_run_stops_in_one_line_and_saves_nothing_non_finite(cifar_dir, tmp_path):
+    result = run_train(*tiny_run_args(cifar_dir, tmp_path / "ckpt", "--epochs", "3", "--lr", "300"))
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert "became NaN or infinite" in line and "no checkpoint written yet" in line
+    for name in ("last.pt", "best.pt"):
+        path = tmp_path / "ckpt" / name
+        if path.exists():
+            weights = load_weights(path)
+            assert all(torch.isfinite(value).all() for value in weights.values() if value.is_floating_point())
+
+
+def test_resume_from_another_folder_continues_in_the_checkpoints_folder(train_main, cifar_dir, tmp_path,
+                                                                         monkeypatch):
+    run_a, other = tmp_path / "a" / "checkpoint", tmp_path / "b"
+    assert train_main(tiny_run_args(cifar_dir, run_a, "--epochs", "2", "--target-accuracy", "0.01",
+                                    "--patience", "1")) == 0
+    other.mkdir()
+    monkeypatch.chdir(other)
+    args = [arg for arg in tiny_run_args(cifar_dir, "unused", "--target-accuracy", "1.0")
+            if arg not in ("--checkpoint-dir", "unused")]
+    assert train_main([*args, "--resume", str(run_a / "last.pt")]) == 0
+    assert load_checkpoint(run_a / "last.pt")["epoch"] == 2
+    assert list(other.iterdir()) == []  # nothing written where the command was typed
+
+
+def test_a_second_run_on_the_same_folder_is_refused_while_the_first_trains(cifar_dir, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+    checkpoint_dir = tmp_path / "ckpt"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, str(REPO / "train.py"),
+                              *map(str, tiny_run_args(cifar_dir, checkpoint_dir, "--epochs", "200"))],
+                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (checkpoint_dir / "last.pt").exists():
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        second = run_train(*tiny_run_args(cifar_dir, checkpoint_dir, "--resume"))
+        assert second.returncode == 1 and first.poll() is None
+        assert second.stderr.strip().splitlines() == [
+            f"error: another run is training in {checkpoint_dir}: wait for it to end, or use another --checkpoint-dir"]
+    finally:
+        first.kill()
+        first.wait()
+    assert run_train(*tiny_run_args(cifar_dir, checkpoint_dir, "--resume", "--epochs", "2")).returncode == 0
+
+
+def test_start_up_removes_only_its_own_temporaries(cifar_dir, tmp_path):
+    checkpoint_dir = tmp_path / "ckpt"
+    checkpoint_dir.mkdir()
+    (checkpoint_dir / ".notes.tmp.txt").write_text("mine")
+    (checkpoint_dir / ".last.pt.tmp4242").write_bytes(b"half a checkpoint")
+    (checkpoint_dir / ".best.pt.tmp1").mkdir()
+    assert run_train(*tiny_run_args(cifar_dir, checkpoint_dir, "--epochs", "1")).returncode == 0
+    names = {p.name for p in checkpoint_dir.iterdir()}
+    assert {".notes.tmp.txt", ".best.pt.tmp1"} <= names and ".last.pt.tmp4242" not in names

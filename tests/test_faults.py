@@ -64,7 +64,7 @@ def test_sigkill_at_a_random_point_then_resume_matches_an_uninterrupted_run(run_
     assert_same_weights(reference, load_weights(checkpoint_dir / "last.pt"))
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_saves_a_resumable_checkpoint_and_says_how_to_resume(run_setup, tmp_path, signum):
     cifar_dir, reference = run_setup
     checkpoint_dir = tmp_path / "ckpt"
