@@ -37,10 +37,6 @@ AUGMENT_CHUNK_IMAGES = 16_384
 VALIDATION_SEED = 20_231_117
 
 
-class DataError(RuntimeError):
-    """The data set is missing, unreadable or not in the CIFAR-100 layout."""
-
-
 # The official python-version archive (about 161 MB) and the folder it unpacks to.
 ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 ARCHIVE_NAME = "cifar-100-python.tar.gz"

@@ -267,8 +267,8 @@ def train(args, explicit, runtime):
     if checkpoint is not None:
         restore_run(run, checkpoint)
     checkpoint_dir = Path(args.checkpoint_dir)
-    if runtime.is_main:  # only now, so that a run failing before it leaves no folder behind
-        lock = prepare_checkpoint_dir(checkpoint_dir, resuming=checkpoint is not None)  # noqa: F841 (held)
+    # Only now, so that a run failing before it leaves no folder behind.
+    folder_lock = prepare_checkpoint_dir(checkpoint_dir, checkpoint is not None) if runtime.is_main else None
     run.model = prepare_for_training(run.model, args, runtime)
     run.train_step = make_train_step(run.model, run.optimizer, make_criterion(args.label_smoothing), runtime,
                                      precision, not args.no_cuda_graphs, run.average)
@@ -290,6 +290,7 @@ def train(args, explicit, runtime):
         print(describe_outcome(run, outcome, time.perf_counter() - started, final_tests), flush=True)
         if args.plot and run.state.history:
             draw_plot(checkpoint_dir)
+        folder_lock.close()  # every write has finished: another run may use the folder now
     return 128 + run.interrupt.signum if outcome == "interrupted" else 0
 
 

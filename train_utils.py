@@ -329,7 +329,7 @@ def train_one_epoch(train_step, loader, scheduler, epoch, runtime, start_step=0,
         bar.update(1)
         interrupted_here = interrupt is not None and interrupt.requested and not runtime.distributed
         if (step + 1) % sync_every == 0 or last_step or interrupted_here:
-            loss_sum, _, steps_done, first_bad_step = check_in(train_step.sums, interrupt, runtime)
+            loss_sum, _, steps_done, first_bad_step = check_in(train_step.sums, runtime)
             if first_bad_step >= 0:
                 raise NonFiniteLossError(f"the training loss became NaN or infinite at epoch {epoch + 1}, "
                                          f"step {int(first_bad_step) + 1}")
@@ -349,7 +349,7 @@ def train_one_epoch(train_step, loader, scheduler, epoch, runtime, start_step=0,
     return epoch_totals, stopped_at_step
 
 
-def check_in(sums, interrupt, runtime):
+def check_in(sums, runtime):
     """A sync point: this rank's sums as numbers, the first non-finite step taken over all ranks."""
     values = sums.tolist()
     if runtime.distributed:

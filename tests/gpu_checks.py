@@ -28,17 +28,22 @@ def fixed_batches(count, size=64):
     return [(images[i].contiguous(memory_format=torch.channels_last), labels[i]) for i in range(count)]
 
 
+def train_on(batches, step, optimizer):
+    """One short epoch of `batches` through `step`, with its OneCycle schedule."""
+    scheduler = make_scheduler(optimizer, 0.05, len(batches))
+    step.start_epoch(0)
+    for images, labels in batches:
+        step(images, labels)
+        scheduler.step()
+    torch.cuda.synchronize()
+
+
 def check_graph_replays_match_eager_steps():
     batches = fixed_batches(12)
     results = []
     for graphed in (False, True):
         model, optimizer, step = two_identical_steps(graphed)
-        scheduler = make_scheduler(optimizer, 0.05, len(batches))
-        step.start_epoch(0)
-        for images, labels in batches:
-            step(images, labels)
-            scheduler.step()
-        torch.cuda.synchronize()
+        train_on(batches, step, optimizer)
         assert graphed == (step.graph is not None), "the graph was not captured"
         weights = [*model.parameters(), *step.average.model.parameters()]  # the trained and the averaged weights
         results.append(([p.detach().float().clone() for p in weights], step.sums.clone(),
@@ -64,13 +69,8 @@ def check_a_refused_capture_falls_back_to_eager():
         return loss
 
     batches = fixed_batches(8)
-    model, optimizer, step = two_identical_steps(True, syncing_criterion)
-    scheduler = make_scheduler(optimizer, 0.05, len(batches))
-    step.start_epoch(0)
-    for images, labels in batches:
-        step(images, labels)
-        scheduler.step()
-    torch.cuda.synchronize()
+    _, optimizer, step = two_identical_steps(True, syncing_criterion)
+    train_on(batches, step, optimizer)
     assert step.graph is None and step.failed
     assert step.sums[2].item() == len(batches) and torch.isfinite(step.sums[0])
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import dataset_utils
-from conftest import write_cifar100
 from dataset_utils import (ARCHIVE_NAME, CIFAR100_MEAN, CIFAR100_STD, DataError, EvalLoader, TrainLoader,
                            adjust_brightness, adjust_contrast, adjust_saturation, color_jitter, horizontal_flip,
                            DataConfig, augment, cutout, load_cifar100, normalize, plan_epoch, random_crop, read_cifar100, rotate,
