@@ -335,14 +335,13 @@ def plural(count, noun):
 
 
 def describe_timing(run):
-    """Start-up and graph capture, which the epoch times and img/s leave out."""
+    """Start-up: the first step (cudnn's tuning, compilation) and the graph capture, left out of epoch times and img/s."""
     step = run.train_step
     if step.first_step_at is None:
         return "no training step ran"
-    line = f"first training step done {step.first_step_at - STARTED:.1f}s after start"
-    if step.graph is not None:
-        line += f"; CUDA graph captured in {step.setup_seconds:.2f}s (not counted in epoch times)"
-    return line
+    return (f"first training step done {step.first_step_at - STARTED:.1f}s after start; {step.setup_seconds:.2f}s of "
+            f"start-up work in epoch 1 (the first step's cudnn tuning or compilation, the CUDA graph capture) "
+            f"not counted in epoch times")
 
 
 def describe_outcome(run, outcome, seconds, final_tests=None):

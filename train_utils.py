@@ -200,7 +200,7 @@ class TrainStep:
         self.model, self.optimizer, self.criterion = model, optimizer, criterion
         self.device, self.precision, self.average = device, precision, average
         self.sums = torch.zeros(4, device=device)
-        self.setup_seconds = 0.0  # time spent preparing the step (graph capture), not training
+        self.setup_seconds = 0.0  # the process's first step and the graph capture: start-up, not training
         self.first_step_at = None  # time.time() when the process's first step had finished
         self.last_lr = None  # the lr of the last step of the last full epoch
 
@@ -317,14 +317,16 @@ def train_one_epoch(train_step, loader, scheduler, epoch, runtime, start_step=0,
     images_done = 0
     stopped_at_step = None
     for step, (images, labels) in enumerate(loader.batches(epoch, start_step), start_step):
+        step_started = time.perf_counter()
         train_step(images, labels)
         last_step = step + 1 == loader.steps_per_epoch
         if last_step:  # the lr this step used, before the schedule moves past it (one read an epoch)
             train_step.last_lr = current_lr(scheduler.optimizer)
         scheduler.step()
-        if train_step.first_step_at is None:
+        if train_step.first_step_at is None:  # cudnn's tuning, and compilation with --compile: start-up, not training
             synchronize(runtime.device)
             train_step.first_step_at = time.time()
+            train_step.setup_seconds += time.perf_counter() - step_started
         images_done += len(labels)
         bar.update(1)
         interrupted_here = interrupt is not None and interrupt.requested and not runtime.distributed

@@ -54,6 +54,7 @@ def test_end_to_end_run_writes_checkpoints_and_metrics(cifar_dir, tmp_path):
     assert len(rows) == 1 and float(rows[0]["images_per_sec"]) > 0 and rows[0]["images"] == "64"
     assert float(rows[0]["lr"]) < 1e-5  # the lr the last step used: OneCycle ends near 0, not one step past it
     assert "done after 1 epoch," in result.stdout
+    assert "start-up work in epoch 1" in result.stdout
 
 
 def test_a_validation_split_picks_the_best_epoch_and_the_test_set_is_used_once_at_the_end(cifar_dir, tmp_path):
