@@ -219,9 +219,12 @@ def prepare_checkpoint_dir(directory, resuming):
     """
     try:
         directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CheckpointError(f"cannot create checkpoint folder {directory}: {err.strerror or err}") from None
+    try:
         lock = open(directory / ".lock", "a")
     except OSError as err:
-        raise CheckpointError(f"cannot use checkpoint folder {directory}: {err.strerror or err}") from None
+        raise CheckpointError(f"checkpoint folder {directory} is not writable ({err.strerror or err})") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
