@@ -158,10 +158,9 @@ from dataset_utils import NUM_CLASSES, DataConfig, DataError, EvalLoader, load_c
 from device_utils import (DeviceError, distribute_model, input_dtype, resolve_precision, setup_runtime,
                           teardown_runtime)
 from train_utils import (CheckpointError, EarlyStopping, NonFiniteLossError, Run, WeightAverage, atomic_write,
-                         check_model_config,
-                         describe_model_config, evaluate, fit, load_checkpoint, make_criterion, make_optimizer,
-                         make_scheduler, make_train_step, model_from_checkpoint, model_from_config, restore_run,
-                         seed_everything, test_final_and_best)
+                         check_model_config, describe_model_config, evaluate, fit, load_checkpoint, make_criterion,
+                         make_optimizer, make_scheduler, make_train_step, model_from_checkpoint, model_from_config,
+                         restore_run, seed_everything, test_final_and_best)
 
 USER_ERRORS = (CheckpointError, DataError, DeviceError, NonFiniteLossError)
 

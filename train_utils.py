@@ -261,7 +261,7 @@ class GraphedTrainStep(TrainStep):
         self.graph.replay()
 
     def forward_backward_update_on_side_stream(self, images, labels):
-        if self.failed or self.eager_steps > self.WARMUP_STEPS:
+        if self.eager_steps > self.WARMUP_STEPS:  # after a failed capture: plain eager steps
             return self.forward_backward_update(images, labels)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -498,12 +498,16 @@ def model_from_config(config):
     return build_model(config["name"], config["num_classes"], **config["kwargs"])
 
 
-def model_from_checkpoint(checkpoint, device="cpu"):
-    """The checkpoint's model with its weights (the averaged ones of an --ema run), on `device`, channels_last,
-    in eval mode."""
-    model = model_from_config(checkpoint["model_config"])
-    model.load_state_dict(checkpoint.get("ema") or checkpoint["model"])
+def model_with_weights(config, weights, device="cpu"):
+    """The model `config` describes, holding `weights`, on `device`, channels_last, in eval mode."""
+    model = model_from_config(config)
+    model.load_state_dict(weights)
     return model.to(device, memory_format=torch.channels_last).eval()
+
+
+def model_from_checkpoint(checkpoint, device="cpu"):
+    """The checkpoint's model with its weights (the averaged ones of an --ema run)."""
+    return model_with_weights(checkpoint["model_config"], checkpoint.get("ema") or checkpoint["model"], device)
 
 
 def load_model(path, device="cpu"):
@@ -692,9 +696,7 @@ def test_final_and_best(run):
     """With a validation split: the test set's verdict on the final model and on the best epoch's (best.pt)."""
     final = evaluate(run.evaluated_model, run.test_loader, run.runtime, run.precision, run.tta)
     if run.best_weights is not None:
-        best_model = model_from_config(run.model_config)
-        best_model.load_state_dict(run.best_weights)
-        best_model.to(run.runtime.device, memory_format=torch.channels_last)
+        best_model = model_with_weights(run.model_config, run.best_weights, run.runtime.device)
     else:  # a resumed run whose best epoch came before the resume finds it only in best.pt
         best_model = model_from_checkpoint(load_checkpoint(run.checkpoint_dir / "best.pt"), run.runtime.device)
     best = evaluate(best_model, run.test_loader, run.runtime, run.precision, run.tta)
