@@ -13,6 +13,7 @@ then min / median / max over --repeats of the steady epoch, the bare step on one
 median is flagged: the machine was busy, so compare it with care.
 """
 import argparse
+import math
 import statistics
 import time
 
@@ -20,10 +21,9 @@ import torch
 
 from dataset_utils import EvalLoader, TrainLoader, plan_epoch
 from device_utils import Runtime, get_device, input_dtype, resolve_precision, synchronize
-from model import build_model
-from train_utils import evaluate, make_criterion, make_optimizer, make_scheduler, make_train_step, train_one_epoch
+from train import parse_args as parse_train_flags
+from train_utils import Config, build_run, evaluate, train_one_epoch
 
-MODEL_KWARGS = {"resnet18": {}, "wideresnet": {"depth": 28, "widen_factor": 10}}
 NOISY_SPREAD = 0.10
 
 
@@ -55,43 +55,47 @@ def bench_one(name, batch_size, precision, args, device):
     runtime = Runtime(device)
     started = time.perf_counter()
     torch.manual_seed(0)
-    model = build_model(name, **MODEL_KWARGS[name]).to(device, memory_format=torch.channels_last)
-    training_model = torch.compile(model) if args.compile else model
-    loader = TrainLoader(*random_images(args.train_images, device), batch_size, dtype=input_dtype(precision))
-    test_loader = EvalLoader(*random_images(args.test_images, device, seed=1), args.test_batch_size,
-                             dtype=input_dtype(precision))
-    optimizer = make_optimizer(model, lr=0.01, nesterov=True)
-    total_steps = (args.repeats + 1) * loader.steps_per_epoch + args.repeats * args.steps + 1
-    scheduler = make_scheduler(optimizer, 0.01, total_steps)
-    step = make_train_step(training_model, optimizer, make_criterion(0.1), runtime, precision,
-                           cuda_graphs=not args.no_cuda_graphs)
+    dtype = input_dtype(resolve_precision(device, precision))
+    loader = TrainLoader(*random_images(args.train_images, device), batch_size, dtype=dtype)
+    test_loader = EvalLoader(*random_images(args.test_images, device, seed=1), args.test_batch_size, dtype=dtype)
+    run = build_run(bench_config(name, batch_size, precision, loader.steps_per_epoch, args), runtime,
+                    (loader, None, test_loader))
     synchronize(device)
     setup_seconds = time.perf_counter() - started
 
     def epoch():
-        train_one_epoch(step, loader, scheduler, 0, runtime, show_progress=False)
+        train_one_epoch(run, show_progress=False)
 
     fixed_images, fixed_labels = next(loader.batches(1))
     fixed_images = fixed_images.clone()
 
     def bare_steps():
         for _ in range(args.steps):
-            step(fixed_images, fixed_labels)
-            scheduler.step()
+            run.train_step(fixed_images, fixed_labels)
+            run.scheduler.step()
 
     plan = plan_epoch(len(loader.images), loader.steps_per_epoch, 0, 0, device)
     (first_epoch_seconds,) = time_runs(device, epoch, 1)
     epoch_seconds = time_runs(device, epoch, args.repeats)
     step_seconds = time_runs(device, bare_steps, args.repeats)
     augment_seconds = time_runs(device, lambda: loader.augment_epoch(plan), args.repeats)
-    test_seconds = time_runs(device, lambda: evaluate(model, test_loader, runtime, precision), args.repeats)
+    test_seconds = time_runs(device, lambda: evaluate(run.model, test_loader, runtime, run.precision), args.repeats)
     epoch_images = loader.steps_per_epoch * batch_size
-    return {"model": name, "precision": precision, "batch": batch_size, "step": step.kind,
-            "setup_s": setup_seconds, "first_epoch_s": first_epoch_seconds, "capture_s": step.setup_seconds,
+    return {"model": name, "precision": run.precision, "batch": batch_size, "step": run.train_step.kind,
+            "setup_s": setup_seconds, "first_epoch_s": first_epoch_seconds, "capture_s": run.train_step.setup_seconds,
             "epoch_s": spread(epoch_seconds), "epoch_img_s": epoch_images / statistics.median(epoch_seconds),
             "step_img_s": args.steps * batch_size / statistics.median(step_seconds),
             "augment_img_s": epoch_images / statistics.median(augment_seconds), "test_s": spread(test_seconds),
             "noisy": any(noisy(times) for times in (epoch_seconds, step_seconds, test_seconds))}
+
+
+def bench_config(name, batch_size, precision, steps_per_epoch, args):
+    """train.py's settings for this model and batch, with a schedule long enough for every timed step."""
+    epochs = args.repeats + 2 + math.ceil(args.repeats * args.steps / steps_per_epoch)
+    flags = ["--model", name, "--batch-size", str(batch_size), "--precision", precision, "--epochs", str(epochs),
+             "--test-batch-size", str(args.test_batch_size)]
+    flags += ["--compile"] * args.compile + ["--no-cuda-graphs"] * args.no_cuda_graphs
+    return Config.from_flags(parse_train_flags(flags)[0])
 
 
 def noisy(seconds):
@@ -142,7 +146,7 @@ def main(argv=None):
     for name in args.models.split(","):
         for precision in args.precisions.split(","):
             for batch_size in map(int, args.batch_sizes.split(",")):
-                rows.append(bench_one(name, batch_size, resolve_precision(device, precision), args, device))
+                rows.append(bench_one(name, batch_size, precision, args, device))
                 print(format_row(rows[-1]), flush=True)
     return rows
 

@@ -93,6 +93,10 @@ def read_cifar100(data_dir, download=True):
     """Read `data_dir/cifar-100-python/{train,test,meta}`, unpacking or downloading the archive first if need be."""
     root = Path(data_dir)
     folder = root / FOLDER_NAME
+    for name in SPLIT_FILES:
+        path = folder / name
+        if (path.exists() or path.is_symlink()) and not path.is_file():
+            raise DataError(f"{path} is not a readable file (a folder, or a link that leads nowhere)")
     if not all((folder / name).is_file() for name in SPLIT_FILES):
         fetch_archive(root, download)
     train_images, train_labels = read_split(folder / "train")

@@ -124,6 +124,26 @@ def distribute_model(model, runtime):
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
+def on_main_rank(runtime, action):
+    """Run `action` on rank 0 alone and return its result there; the error it raises, if any, is raised on every
+    rank (a collective under torchrun), so that all ranks stop together with the same one-line message."""
+    result, error = None, None
+    if runtime.is_main:
+        try:
+            result = action()
+        except Exception as err:  # noqa: BLE001 - handed to every rank, then raised there
+            error = err
+    if runtime.distributed:
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error is not None:
+        if not runtime.is_main:
+            error.shown_by_rank_0 = True  # the other ranks stop quietly: one line in all
+        raise error
+    return result
+
+
 def any_rank(flag, runtime):
     """True on every rank if `flag` is true on any (a collective: every rank must call it)."""
     if not runtime.distributed:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from train_utils import read_metrics
+from run_dir import read_metrics
 
 
 class PlotError(RuntimeError):

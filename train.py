@@ -11,16 +11,12 @@ import time
 STARTED = time.time()  # before the heavy imports, so "first step after" counts them
 
 import argparse
-import fcntl
 import math
-import re
+import os
+import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
-
-# Flags that may differ from the checkpoint's on --resume; any other flag given must match it.
-RESUME_MAY_CHANGE = {"epochs", "target_accuracy", "patience", "resume", "checkpoint_dir", "data_dir", "no_download",
-                     "workers", "device", "precision", "compile", "no_cuda_graphs", "tta", "test_batch_size", "plot",
-                     "tensorboard", "evaluate"}
 
 PRESETS = {
     # ResNet18 to >= 73 % top-1 in the fewest seconds on one GPU; see README "Recipes".
@@ -148,24 +144,28 @@ def parse_args(argv=None):
     return args, explicit
 
 
+def quit_while_starting(signum, frame):
+    print("\ninterrupted while starting: nothing was written", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
 if __name__ == "__main__":
     parse_args()  # answers --help and flag errors now, before the imports below spend seconds loading torch
+    signal.signal(signal.SIGINT, quit_while_starting)  # Ctrl-C while torch loads: one line, not a traceback
 
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
 
-from dataset_utils import NUM_CLASSES, DataConfig, DataError, EvalLoader, load_cifar100, read_cifar100
-from device_utils import (DeviceError, distribute_model, input_dtype, resolve_precision, setup_runtime,
-                          teardown_runtime)
-from train_utils import (CheckpointError, EarlyStopping, NonFiniteLossError, Run, WeightAverage, atomic_write,
-                         check_model_config, describe_model_config, evaluate, fit, load_checkpoint, make_criterion,
-                         make_optimizer, make_scheduler, make_train_step, model_from_checkpoint, model_from_config,
-                         restore_run, seed_everything, test_final_and_best)
+from dataset_utils import DataConfig, DataError, EvalLoader, load_cifar100, read_cifar100  # noqa: E402
+from device_utils import DeviceError, input_dtype, resolve_precision, setup_runtime, teardown_runtime  # noqa: E402
+from run_dir import CheckpointError, RunDir, load_checkpoint  # noqa: E402
+from train_utils import (Config, NonFiniteLossError, build_run, check_model_config, describe_model_config,  # noqa: E402
+                         evaluate, fit, model_from_checkpoint, seed_everything, show, test_final_and_best)
 
 USER_ERRORS = (CheckpointError, DataError, DeviceError, NonFiniteLossError)
 
 
 def main(argv=None):
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here a Ctrl-C is handled below
     args, explicit = parse_args(argv)
     try:
         runtime = setup_runtime(args.device)
@@ -183,152 +183,84 @@ def main(argv=None):
         teardown_runtime(runtime)
 
 
-def fail(message, code=1):
-    print(f"error: {message}", file=sys.stderr)
+def fail(error, code=1):
+    """One line on standard error; under torchrun only once, by rank 0, for an error every rank stopped on."""
+    if not getattr(error, "shown_by_rank_0", False):
+        print(f"error: {error}", file=sys.stderr)
     return code
 
 
-def model_config_from(args):
-    kwargs = {}
-    if args.model == "wideresnet":
-        kwargs = {"depth": args.depth, "widen_factor": args.widen_factor, "dropout": args.dropout}
-    return {"name": args.model, "num_classes": NUM_CLASSES, "kwargs": kwargs}
-
-
-def merge_resume_args(args, explicit, saved, path):
-    """The checkpoint's flags, changed only by those given now that may change (RESUME_MAY_CHANGE)."""
-    merged = {**vars(args), **saved}
-    for name, value in explicit.items():
-        if name not in RESUME_MAY_CHANGE and saved.get(name) != value:
-            flag = "--" + name.replace("_", "-")
-            raise CheckpointError(f"{path} was trained with {flag} {saved.get(name)}; refusing {flag} {value} "
-                                  f"on --resume (start a new run in another --checkpoint-dir instead)")
-        merged[name] = value
-    return argparse.Namespace(**merged)
-
-
-# Temporary files that atomic_write leaves when a run is killed mid-write: ".last.pt.tmp1234".
-STALE_TEMPORARY = re.compile(r"\.(last\.pt|best\.pt|metrics\.csv|\.write-test)\.tmp\d+")
-
-
-def prepare_checkpoint_dir(directory, resuming):
-    """Lock the run folder for this run and check it, before training rather than after the first epoch.
-
-    Returns the open lock file: the lock holds until the process ends, however it ends.
-    """
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CheckpointError(f"cannot create checkpoint folder {directory}: {err.strerror or err}") from None
-    try:
-        lock = open(directory / ".lock", "a")
-    except OSError as err:
-        raise CheckpointError(f"checkpoint folder {directory} is not writable ({err.strerror or err})") from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise CheckpointError(f"another run is training in {directory}: wait for it to end, "
-                              f"or use another --checkpoint-dir") from None
-    for stale in directory.iterdir():  # only our own temporaries: the real files beside them are intact
-        if STALE_TEMPORARY.fullmatch(stale.name) and stale.is_file():
-            stale.unlink()
-    probe = directory / ".write-test"
-    try:
-        atomic_write(probe, b"ok")
-    except CheckpointError as err:
-        raise CheckpointError(f"checkpoint folder {directory} is not writable ({err.reason})") from None
-    probe.unlink()
-    if not resuming and (directory / "last.pt").exists():
-        raise CheckpointError(f"{directory / 'last.pt'} exists: continue it with --resume, "
-                              f"or start a new run in another --checkpoint-dir")
-    return lock
+def resumed_config(args, explicit, checkpoint, path):
+    """The settings of a run going on from `checkpoint`: its own, with the flags given now that may change."""
+    config = Config.from_flags(args).resumed_from(checkpoint["args"], explicit, path)
+    check_model_config(checkpoint, config.model_config, path)
+    return config
 
 
 def train(args, explicit, runtime):
-    checkpoint, resume_path = None, None
+    config, resumed = Config.from_flags(args), None
     if args.resume is not None:
-        resume_path = Path(args.resume or Path(args.checkpoint_dir) / "last.pt")
-        checkpoint = load_checkpoint(resume_path)
-        args = merge_resume_args(args, explicit, checkpoint["args"], resume_path)
+        path = Path(args.resume or RunDir(args.checkpoint_dir).last)
+        checkpoint = load_checkpoint(path)
+        config = resumed_config(args, explicit, checkpoint, path)
         if "checkpoint_dir" not in explicit:  # the run goes on in the folder of the checkpoint it resumes
-            args.checkpoint_dir = str(resume_path.parent)
-    model_config = model_config_from(args)
-    if checkpoint is not None:
-        check_model_config(checkpoint, model_config, resume_path)
-    if args.sync_bn and runtime.device.type != "cuda":
+            config = replace(config, checkpoint_dir=str(path.parent))
+        resumed = (checkpoint, path)
+    if config.sync_bn and runtime.device.type != "cuda":
         raise DeviceError("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU implementation)")
-    if args.workers:
-        torch.set_num_threads(args.workers)
+    if config.workers:
+        torch.set_num_threads(config.workers)
     torch.backends.cudnn.benchmark = True
-    seed_everything(args.seed + runtime.rank)
-    precision = resolve_precision(runtime.device, args.precision)
-    loaders = load_cifar100(DataConfig(args.batch_size, args.data_dir, not args.no_download, runtime.device, args.seed,
-                                       runtime.rank, runtime.world_size, args.test_batch_size, args.val_size,
-                                       args.cutout, input_dtype(precision)))
-    run = build_run(args, model_config, runtime, precision, *loaders)
-    if checkpoint is not None:
-        restore_run(run, checkpoint)
-    checkpoint_dir = Path(args.checkpoint_dir)
-    # Only now, so that a run failing before it leaves no folder behind.
-    folder_lock = prepare_checkpoint_dir(checkpoint_dir, checkpoint is not None) if runtime.is_main else None
-    run.model = prepare_for_training(run.model, args, runtime)
-    run.train_step = make_train_step(run.model, run.optimizer, make_criterion(args.label_smoothing), runtime,
-                                     precision, not args.no_cuda_graphs, run.average)
-    run.tensorboard = open_tensorboard(checkpoint_dir / "tensorboard") if args.tensorboard and runtime.is_main else None
+    seed_everything(config.seed + runtime.rank)
+    precision = resolve_precision(runtime.device, config.precision)
+    loaders = load_cifar100(DataConfig(config.batch_size, config.data_dir, not config.no_download, runtime.device,
+                                       config.seed, runtime.rank, runtime.world_size, config.test_batch_size,
+                                       config.val_size, config.cutout, input_dtype(precision)))
+    run_dir = RunDir(config.checkpoint_dir)
+    try:
+        return train_in(run_dir, config, runtime, loaders, resumed)
+    finally:
+        run_dir.close()  # every write has finished: another run may use the folder now
+
+
+def train_in(run_dir, config, runtime, loaders, resumed):
+    run = build_run(config, runtime, loaders, run_dir, resumed)
     if runtime.is_main:
-        print(describe_run(run, args, resume_path), flush=True)
+        show(describe_run(run, resumed), run.interrupt)
     run.interrupt.install()
     started = time.perf_counter()
     try:
         outcome = fit(run)
     except NonFiniteLossError as err:
-        last = checkpoint_dir / "last.pt"
-        kept = f"the last good checkpoint, {last}, left as it was" if last.exists() else "no checkpoint written yet"
+        kept = (f"the last good checkpoint, {run_dir.last}, left as it was" if run_dir.last.exists()
+                else "no checkpoint written yet")
         raise NonFiniteLossError(f"{err}; stopped with {kept}") from None
     if runtime.is_main:
-        print(describe_timing(run), flush=True)
+        show(describe_timing(run), run.interrupt)
     final_tests = test_final_and_best(run) if run.val_loader is not None and outcome != "interrupted" else None
     if runtime.is_main:
-        print(describe_outcome(run, outcome, time.perf_counter() - started, final_tests), flush=True)
-        if args.plot and run.state.history:
-            draw_plot(checkpoint_dir)
-        folder_lock.close()  # every write has finished: another run may use the folder now
+        show(describe_outcome(run, outcome, time.perf_counter() - started, final_tests), run.interrupt)
+        if outcome == "interrupted":
+            print(f"stopped at epoch {run.state.epoch + 1}, step {run.state.step}; checkpoint saved. Resume with:\n"
+                  f"  python train.py --resume {run_dir.last}", file=sys.stderr)
+        if config.plot and run.state.history:
+            draw_plot(run_dir)
     return 128 + run.interrupt.signum if outcome == "interrupted" else 0
 
 
-def build_run(args, model_config, runtime, precision, train_loader, val_loader, test_loader):
-    """The run with its model, optimizer and schedule; its train_step is made once the model is final."""
-    model = model_from_config(model_config)
-    if args.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(runtime.device, memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, args.lr, args.momentum, args.weight_decay, args.nesterov)
-    scheduler = make_scheduler(optimizer, args.lr, args.epochs * train_loader.steps_per_epoch)
-    average = WeightAverage(model, args.ema) if args.ema else None
-    return Run(model, None, optimizer, scheduler, train_loader, val_loader, test_loader, runtime, precision,
-               args.epochs, args.tta, Path(args.checkpoint_dir), model_config, vars(args),
-               EarlyStopping(args.target_accuracy, args.patience), average=average)
-
-
-def prepare_for_training(model, args, runtime):
-    model = distribute_model(model, runtime)
-    if args.compile:
-        model = torch.compile(model)
-    return model
-
-
-def describe_run(run, args, resume_path):
+def describe_run(run, resumed):
+    config = run.config
     parameters = sum(p.numel() for p in run.model.parameters())
-    lines = [f"{describe_model_config(run.model_config)}: {parameters / 1e6:.1f}M parameters on "
+    lines = [f"{describe_model_config(config.model_config)}: {parameters / 1e6:.1f}M parameters on "
              f"{run.runtime.device} x{run.runtime.world_size}, {run.precision}, channels_last, {run.train_step.kind} step"
-             f"{', compiled' if args.compile else ''}",
-             f"batch {args.batch_size} (global), {run.train_loader.steps_per_epoch} steps/epoch, "
-             f"{plural(args.epochs, 'epoch')}, OneCycle peak lr {args.lr}, momentum {args.momentum}, "
-             f"checkpoints in {run.checkpoint_dir}/",
+             f"{', compiled' if config.compile else ''}",
+             f"batch {config.batch_size} (global), {run.train_loader.steps_per_epoch} steps/epoch, "
+             f"{plural(config.epochs, 'epoch')}, OneCycle peak lr {config.lr}, momentum {config.momentum}, "
+             f"checkpoints in {run.run_dir.path}/",
              f"training on {len(run.train_loader.images):,} images; best.pt and early stopping judged on the "
              f"{run.selection_split} set"]
-    if resume_path is not None:
-        lines.append(f"resumed from {resume_path} at epoch {run.state.epoch + 1}, step {run.state.step}")
+    if resumed is not None:
+        lines.append(f"resumed from {resumed[1]} at epoch {run.state.epoch + 1}, step {run.state.step}")
     return "\n".join(lines)
 
 
@@ -347,10 +279,9 @@ def describe_timing(run):
 
 
 def describe_outcome(run, outcome, seconds, final_tests=None):
-    state, checkpoint_dir = run.state, run.checkpoint_dir
+    state = run.state
     if outcome == "interrupted":
-        return (f"stopped at epoch {state.epoch + 1}, step {state.step}; checkpoint saved. Resume with:\n"
-                f"  python train.py --resume {checkpoint_dir / 'last.pt'}")
+        return f"interrupted after {plural(state.epoch, 'full epoch')}, {seconds:.1f}s"
     history = state.history
     images_per_sec = sum(row["images"] for row in history) / max(sum(row["train_seconds"] for row in history), 1e-9)
     split = run.selection_split
@@ -369,35 +300,24 @@ def describe_outcome(run, outcome, seconds, final_tests=None):
 
 def evaluate_checkpoint(args, explicit, runtime):
     """--evaluate: test a checkpoint's model on the test set and print its accuracy next to the stored best."""
-    path = Path(args.evaluate or Path(args.checkpoint_dir) / "best.pt")
+    path = Path(args.evaluate or RunDir(args.checkpoint_dir).best)
     checkpoint = load_checkpoint(path)
-    if {"model", "depth", "widen_factor", "dropout"} & set(explicit):
-        check_model_config(checkpoint, model_config_from(args), path)
-    model = model_from_checkpoint(checkpoint, runtime.device)
-    arrays = read_cifar100(args.data_dir, not args.no_download)
+    config = resumed_config(args, explicit, checkpoint, path)
+    model = model_from_checkpoint(checkpoint, path, runtime.device)
+    arrays = read_cifar100(config.data_dir, not config.no_download)
     test_loader = EvalLoader(arrays.test_images.to(runtime.device), arrays.test_labels.to(runtime.device),
-                             args.test_batch_size, runtime.rank, runtime.world_size)
-    tta = explicit.get("tta", checkpoint["args"].get("tta", False))
-    result = evaluate(model, test_loader, runtime, resolve_precision(runtime.device, args.precision), tta)
+                             config.test_batch_size, runtime.rank, runtime.world_size)
+    result = evaluate(model, test_loader, runtime, resolve_precision(runtime.device, config.precision), config.tta)
     if runtime.is_main:
-        print(f"{path}: test loss {result.loss:.4f}, top-1 {100 * result.top1:.2f}%, top-5 {100 * result.top5:.2f}% "
-              f"(stored best top-1 {100 * checkpoint['best_top1']:.2f}% after epoch {checkpoint['epoch']})")
+        show(f"{path}: test loss {result.loss:.4f}, top-1 {100 * result.top1:.2f}%, top-5 {100 * result.top5:.2f}% "
+             f"(stored best top-1 {100 * checkpoint['best_top1']:.2f}% after epoch {checkpoint['epoch']})")
     return 0
 
 
-def open_tensorboard(log_dir):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        print("note: --tensorboard ignored: install tensorboard to use it", file=sys.stderr)
-        return None
-    return SummaryWriter(str(log_dir))
-
-
-def draw_plot(checkpoint_dir):
+def draw_plot(run_dir):
     from plot import PlotError, plot_metrics
     try:
-        print(f"plot: {plot_metrics(checkpoint_dir / 'metrics.csv')}")
+        show(f"plot: {plot_metrics(run_dir.metrics, run_dir.plot)}")
     except PlotError as err:
         print(f"note: --plot skipped: {err}", file=sys.stderr)
 

@@ -6,18 +6,14 @@ agreement between ranks) and once at its end.
 """
 import contextlib
 import copy
-import csv
-import io
 import math
 import os
-import pickle
 import random
 import signal
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -26,27 +22,107 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from device_utils import all_reduce_sum, any_rank, autocast, synchronize
+from dataset_utils import NUM_CLASSES
+from device_utils import (all_reduce_sum, any_rank, autocast, distribute_model, on_main_rank, resolve_precision,
+                          synchronize)
 from model import build_model
+from run_dir import CHECKPOINT_FORMAT, NUMBER, CheckpointError, is_a, load_checkpoint
 
-CHECKPOINT_FORMAT = "cifar100-trainer/1"
-CHECKPOINT_KEYS = {"format", "model_config", "model", "optimizer", "scheduler", "epoch", "step", "best_top1",
-                   "early_stopping", "history", "args", "rng"}
 SYNC_POINTS_PER_EPOCH = 10
-METRICS_COLUMNS = ("epoch", "epoch_seconds", "train_seconds", "images", "train_loss", "train_top1", "val_loss",
-                   "val_top1", "val_top5", "test_loss", "test_top1", "test_top5", "lr", "images_per_sec", "best")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be read, does not fit this run, or cannot be written."""
-
-    def __init__(self, message, reason=None):
-        super().__init__(message)
-        self.reason = reason  # the operating system's word for a failed write, such as "No space left on device"
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+# ---- settings ----
+
+
+def may_change():
+    """A recipe setting that --resume (or --evaluate) may change; not given, it stays the checkpoint's."""
+    return field(metadata={"on_resume": "may change"})
+
+
+def this_command():
+    """How this process runs, not what it trains: always taken from the command line, never the checkpoint."""
+    return field(metadata={"on_resume": "this command's"})
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of a run: train.py's flags over a preset, and on --resume over the checkpoint's settings.
+
+    A field without a note is fixed for the life of a run: --resume refuses a different value.
+    """
+
+    model: str
+    depth: int
+    widen_factor: int
+    dropout: float
+    sync_bn: bool
+    preset: str | None
+    batch_size: int
+    lr: float
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    label_smoothing: float
+    cutout: int
+    ema: float
+    val_size: int
+    seed: int
+    epochs: int = may_change()
+    target_accuracy: float | None = may_change()
+    patience: int = may_change()
+    tta: bool = may_change()
+    precision: str = may_change()
+    tensorboard: bool = may_change()
+    checkpoint_dir: str = this_command()
+    data_dir: str = this_command()
+    no_download: bool = this_command()
+    workers: int | None = this_command()
+    device: str = this_command()
+    compile: bool = this_command()
+    no_cuda_graphs: bool = this_command()
+    test_batch_size: int = this_command()
+    plot: bool = this_command()
+
+    @classmethod
+    def from_flags(cls, flags):
+        """The settings in an argparse namespace (which may hold more, such as --resume)."""
+        return cls(**{setting.name: getattr(flags, setting.name) for setting in fields(cls)})
+
+    def resumed_from(self, saved, given, path):
+        """These settings (from `given` flags and defaults) merged with a checkpoint's `saved` ones, field by field."""
+        merged = {}
+        for setting in fields(self):
+            name, rule = setting.name, setting.metadata.get("on_resume", "fixed")
+            if name not in saved or rule == "this command's":  # a setting newer than the checkpoint: as given
+                merged[name] = getattr(self, name)
+                continue
+            if not fits_type(saved[name], setting.type):
+                raise CheckpointError(f"{path} is damaged: its setting {name} is a {type(saved[name]).__name__}")
+            merged[name] = given.get(name, saved[name]) if rule == "may change" else saved[name]
+            if rule == "fixed" and name in given and given[name] != saved[name]:
+                flag = "--" + name.replace("_", "-")
+                raise CheckpointError(f"{path} was trained with {flag} {saved[name]}; refusing {flag} {given[name]} "
+                                      f"(start a new run in another --checkpoint-dir instead)")
+        return replace(self, **merged)
+
+    @property
+    def model_config(self):
+        kwargs = {}
+        if self.model == "wideresnet":
+            kwargs = {"depth": self.depth, "widen_factor": self.widen_factor, "dropout": self.dropout}
+        return {"name": self.model, "num_classes": NUM_CLASSES, "kwargs": kwargs}
+
+
+def fits_type(value, annotation):
+    """Whether a stored setting has its field's type (an int does for a float; True is no number here)."""
+    kinds = typing.get_args(annotation) or (annotation,)
+    if float in kinds:
+        kinds += (int,)
+    return type(value) in kinds
 
 
 # ---- early stopping ----
@@ -143,7 +219,10 @@ class WeightAverage:
 
 
 class Interrupt:
-    """The first SIGINT, SIGTERM or SIGHUP asks the loop to stop at a step boundary; a second one quits at once."""
+    """The first SIGINT, SIGTERM or SIGHUP asks the loop to stop at a step boundary; a second one quits at once.
+
+    A closed standard output (`python train.py | head`) stops the run the same way, as SIGPIPE would.
+    """
 
     def __init__(self):
         self.signum = None
@@ -159,9 +238,26 @@ class Interrupt:
         print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (again to quit at once)",
               file=sys.stderr, flush=True)
 
+    def output_closed(self):
+        if self.signum is None:
+            self.signum = signal.SIGPIPE
+            print("note: standard output was closed: saving a checkpoint and stopping", file=sys.stderr, flush=True)
+
     @property
     def requested(self):
         return self.signum is not None
+
+
+def show(text, interrupt=None):
+    """Print a line of the run's log. If nothing reads it any more, later lines go nowhere and `interrupt` is told."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that Python's own flush at exit finds somewhere to write
+        os.close(devnull)
+        if interrupt is not None:
+            interrupt.output_closed()
 
 
 @dataclass
@@ -302,15 +398,17 @@ def make_train_step(model, optimizer, criterion, runtime, precision, cuda_graphs
     return step_class(model, optimizer, criterion, runtime.device, precision, average)
 
 
-def train_one_epoch(train_step, loader, scheduler, epoch, runtime, start_step=0, totals=None, interrupt=None,
-                    show_progress=True):
-    """Train one epoch from `start_step`; returns (totals, stopped_at_step), the step set only when interrupted.
+def train_one_epoch(run, show_progress=None):
+    """Train the run's next epoch from its step (an interrupted epoch goes on where it stopped).
 
-    `totals` are the sums of an interrupted epoch's first steps (a dict from a checkpoint).
+    Returns (totals, stopped_at_step); the step is set only when an interrupt stopped the epoch.
     """
+    train_step, loader, runtime, interrupt = run.train_step, run.train_loader, run.runtime, run.interrupt
+    epoch, start_step, totals = run.state.epoch, run.state.step, resumed_totals(run)
     train_step.model.train()
     train_step.start_epoch(start_step, totals)
     sync_every = max(1, loader.steps_per_epoch // SYNC_POINTS_PER_EPOCH)
+    show_progress = runtime.is_main if show_progress is None else show_progress
     bar = tqdm(total=loader.steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}", leave=False,
                disable=None if show_progress else True, dynamic_ncols=True)  # None: only on a terminal
     started, setup_at_start = time.perf_counter(), train_step.setup_seconds
@@ -321,26 +419,26 @@ def train_one_epoch(train_step, loader, scheduler, epoch, runtime, start_step=0,
         train_step(images, labels)
         last_step = step + 1 == loader.steps_per_epoch
         if last_step:  # the lr this step used, before the schedule moves past it (one read an epoch)
-            train_step.last_lr = current_lr(scheduler.optimizer)
-        scheduler.step()
+            train_step.last_lr = current_lr(run.optimizer)
+        run.scheduler.step()
         if train_step.first_step_at is None:  # cudnn's tuning, and compilation with --compile: start-up, not training
             synchronize(runtime.device)
             train_step.first_step_at = time.time()
             train_step.setup_seconds += time.perf_counter() - step_started
         images_done += len(labels)
         bar.update(1)
-        interrupted_here = interrupt is not None and interrupt.requested and not runtime.distributed
+        interrupted_here = interrupt.requested and not runtime.distributed
         if (step + 1) % sync_every == 0 or last_step or interrupted_here:
             loss_sum, _, steps_done, first_bad_step = check_in(train_step.sums, runtime)
             if first_bad_step >= 0:
                 raise NonFiniteLossError(f"the training loss became NaN or infinite at epoch {epoch + 1}, "
                                          f"step {int(first_bad_step) + 1}")
-            if interrupt_agreed(interrupt, runtime) and not last_step:
+            if any_rank(interrupt.requested, runtime) and not last_step:
                 stopped_at_step = step + 1
                 break
             elapsed = time.perf_counter() - started - (train_step.setup_seconds - setup_at_start)
             bar.set_postfix(loss=f"{loss_sum / (steps_done * len(labels)):.3f}",
-                            lr=f"{current_lr(scheduler.optimizer):.4f}",
+                            lr=f"{current_lr(run.optimizer):.4f}",
                             img_s=f"{images_done * runtime.world_size / max(elapsed, 1e-9):,.0f}")
     bar.close()
     synchronize(runtime.device)
@@ -359,10 +457,6 @@ def check_in(sums, runtime):
         dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
         values[3] = first_bad.item()
     return values
-
-
-def interrupt_agreed(interrupt, runtime):
-    return any_rank(interrupt is not None and interrupt.requested, runtime)
 
 
 def reduce_totals(totals, runtime):
@@ -428,61 +522,6 @@ def unwrap_model(model):
     return getattr(model, "_orig_mod", model)
 
 
-def atomic_write(path, data):
-    """Write bytes to a temporary file beside `path`, fsync, then rename: a crash leaves the old file whole."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except OSError as err:
-        with contextlib.suppress(OSError):  # the folder itself may be gone or read-only by now
-            temporary.unlink(missing_ok=True)
-        raise CheckpointError(f"could not write {path}: {err.strerror or err}; "
-                              f"the previous {path.name}, if any, is untouched", err.strerror or str(err)) from None
-    try:
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # make the rename itself durable
-        finally:
-            os.close(directory)
-    except OSError as err:
-        raise CheckpointError(f"could not make the write of {path} durable: {err.strerror or err}",
-                              err.strerror or str(err)) from None
-
-
-def checkpoint_bytes(checkpoint):
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    return buffer.getbuffer()
-
-
-def load_checkpoint(path):
-    """Load one of our checkpoints with weights_only=True; refuse anything else with a one-line reason."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path} is empty, not a checkpoint")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(f"refusing {path}: it holds Python objects that weights_only loading forbids "
-                              f"(possibly code), or it is corrupt") from None
-    except Exception as err:  # truncated or garbage files fail in many ways inside torch.load
-        message = f"{type(err).__name__}: {err}".split(". ")[0][:160]
-        raise CheckpointError(f"{path} is not a readable checkpoint ({message})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a checkpoint written by this repo's train.py")
-    missing = CHECKPOINT_KEYS - set(checkpoint)
-    if missing:
-        raise CheckpointError(f"{path} is incomplete: it lacks {', '.join(sorted(missing))}")
-    return checkpoint
-
-
 def describe_model_config(config):
     extras = "".join(f", {key}={value}" for key, value in sorted(config["kwargs"].items()))
     return f"{config['name']} ({config['num_classes']} classes{extras})"
@@ -505,14 +544,26 @@ def model_with_weights(config, weights, device="cpu"):
     return model.to(device, memory_format=torch.channels_last).eval()
 
 
-def model_from_checkpoint(checkpoint, device="cpu"):
+def model_from_checkpoint(checkpoint, path, device="cpu"):
     """The checkpoint's model with its weights (the averaged ones of an --ema run)."""
-    return model_with_weights(checkpoint["model_config"], checkpoint.get("ema") or checkpoint["model"], device)
+    with damage_reported(path, "model"):
+        return model_with_weights(checkpoint["model_config"], checkpoint.get("ema") or checkpoint["model"], device)
 
 
 def load_model(path, device="cpu"):
     """A trained model back from a checkpoint, in eval mode: `load_model("checkpoint/best.pt")`."""
-    return model_from_checkpoint(load_checkpoint(path), device)
+    return model_from_checkpoint(load_checkpoint(path), path, device)
+
+
+@contextlib.contextmanager
+def damage_reported(path, part):
+    """A part of a checkpoint that does not fit (misshaped weights, a foreign optimizer state) as one line."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+        raise CheckpointError(f"{path} is damaged: its {part} does not fit this run ({describe_error(err)})") from None
 
 
 # ---- random number generators ----
@@ -553,23 +604,6 @@ def gather_rng_states(runtime):
     return states
 
 
-# ---- run records ----
-
-
-def write_metrics(path, rows):
-    """Rewrite the whole metrics CSV atomically, so it always matches the checkpoint it was written with."""
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=METRICS_COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, text.getvalue().encode())
-
-
-def read_metrics(path):
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 # ---- a whole run ----
 
 
@@ -586,27 +620,25 @@ class RunState:
 
 @dataclass
 class Run:
+    """Everything a run trains with, built whole by `build_run`."""
+
+    config: Config
+    runtime: object
+    precision: str
     model: nn.Module  # what trains: possibly under DistributedDataParallel and torch.compile
-    train_step: TrainStep
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    average: WeightAverage  # with --ema: the averaged weights, which are evaluated and saved; else None
+    train_step: TrainStep
     train_loader: object
     val_loader: object  # None without --val-size: then the test set picks best.pt and early stopping
     test_loader: object
-    runtime: object
-    precision: str
-    epochs: int
-    tta: bool
-    checkpoint_dir: Path
-    model_config: dict
-    args: dict
+    run_dir: object  # the RunDir that checkpoints go to (its owner is train.py); None to save nothing
     early_stopping: EarlyStopping
-    state: RunState = field(default_factory=RunState)
-    interrupt: Interrupt = field(default_factory=Interrupt)
-    writer: "CheckpointWriter" = field(default_factory=lambda: CheckpointWriter())
-    best_weights: dict = None  # a host copy of the best epoch's weights, for testing it at the end
+    state: RunState
     tensorboard: object = None
-    average: WeightAverage = None  # with --ema: the averaged weights, which are evaluated and saved as well
+    interrupt: Interrupt = field(default_factory=Interrupt)
+    best_weights: dict = None  # a host copy of the best epoch's weights, for testing it at the end
 
     @property
     def evaluated_model(self):
@@ -617,25 +649,77 @@ class Run:
         return "val" if self.val_loader is not None else "test"
 
 
+def build_run(config, runtime, loaders, run_dir=None, resumed=None):
+    """The run, ready to train: model, optimizer and schedule built, restored from `resumed` (a loaded checkpoint
+    and its path) if given, the run folder open (rank 0; every rank stops on its error), the model wrapped for
+    torchrun and compiled if asked, the training step made, logging open."""
+    train_loader, val_loader, test_loader = loaders
+    precision = resolve_precision(runtime.device, config.precision)
+    model = model_from_config(config.model_config)
+    if config.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(runtime.device, memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, config.lr, config.momentum, config.weight_decay, config.nesterov)
+    scheduler = make_scheduler(optimizer, config.lr, config.epochs * train_loader.steps_per_epoch)
+    average = WeightAverage(model, config.ema) if config.ema else None
+    early_stopping = EarlyStopping(config.target_accuracy, config.patience)
+    state = RunState()
+    if resumed is not None:
+        state = restore(*resumed, model, optimizer, scheduler, average, early_stopping, runtime,
+                        train_loader.steps_per_epoch, config.seed)
+    if run_dir is not None:
+        on_main_rank(runtime, lambda: run_dir.open(resuming=resumed is not None))
+    training_model = distribute_model(model, runtime)
+    if config.compile:
+        training_model = torch.compile(training_model)
+    train_step = make_train_step(training_model, optimizer, make_criterion(config.label_smoothing), runtime,
+                                 precision, not config.no_cuda_graphs, average)
+    tensorboard = None
+    if config.tensorboard and run_dir is not None and runtime.is_main:
+        tensorboard = open_tensorboard(run_dir.tensorboard)
+    return Run(config, runtime, precision, training_model, optimizer, scheduler, average, train_step, train_loader,
+               val_loader, test_loader, run_dir, early_stopping, state, tensorboard)
+
+
+def open_tensorboard(log_dir):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("note: --tensorboard ignored: install tensorboard to use it", file=sys.stderr)
+        return None
+    return SummaryWriter(str(log_dir))
+
+
 def fit(run):
     """Train until the last epoch, early stopping, or an interrupt; returns which of the three ended it.
 
     Checkpoints are written in the background; every write has finished when this returns.
     """
     try:
-        return train_epochs(run)
-    finally:
-        run.writer.wait()
+        outcome = train_epochs(run)
+    except BaseException:
+        if run.run_dir is not None and run.runtime.is_main:
+            report_failed_write(run.run_dir)
+        raise
+    if run.run_dir is not None:
+        on_main_rank(run.runtime, run.run_dir.wait)
+    return outcome
+
+
+def report_failed_write(run_dir):
+    """Let the last write finish while another error ends the run; a failed write is then worth a note."""
+    try:
+        run_dir.wait()
+    except CheckpointError as err:
+        print(f"note: {err}", file=sys.stderr)
 
 
 def train_epochs(run):
-    while run.state.epoch < run.epochs:
-        totals, stopped_at_step = train_one_epoch(
-            run.train_step, run.train_loader, run.scheduler, run.state.epoch, run.runtime, run.state.step,
-            resumed_totals(run), run.interrupt, run.runtime.is_main)
+    while run.state.epoch < run.config.epochs:
+        totals, stopped_at_step = train_one_epoch(run)
         if stopped_at_step is not None:
             run.state.step, run.state.epoch_totals = stopped_at_step, reduce_totals(totals, run.runtime)
-            save_checkpoint(run, ["last.pt"])
+            save_checkpoint(run, is_best=False)
             return "interrupted"
         check_state_is_finite(unwrap_model(run.model), run.state.epoch)
         finish_epoch(run, summarize_epoch(totals, run.runtime))
@@ -661,9 +745,10 @@ def resumed_totals(run):
 
 
 def finish_epoch(run, train_result):
-    """Evaluate on the selection split, record, print and checkpoint one finished epoch."""
+    """Evaluate on the selection split, record, checkpoint and print one finished epoch (saved before it is shown,
+    so that a closed output loses nothing)."""
     evaluation = evaluate(run.evaluated_model, run.val_loader or run.test_loader, run.runtime, run.precision,
-                          run.tta)
+                          run.config.tta)
     if not math.isfinite(evaluation.loss):
         raise NonFiniteLossError(f"the model's {run.selection_split} loss became NaN or infinite after epoch "
                                  f"{run.state.epoch + 1}")
@@ -678,12 +763,11 @@ def finish_epoch(run, train_result):
            **evaluation_columns(run.selection_split, evaluation), "lr": run.train_step.last_lr,
            "images_per_sec": round(train_result.images_per_sec, 1), "best": int(is_best)}
     state.history.append(row)
-    if run.runtime.is_main:
-        print(format_epoch_line(row, run.epochs, run.selection_split), flush=True)
     if is_best:
         run.best_weights = snapshot_to_host(run.evaluated_model.state_dict())
-    save_checkpoint(run, ["best.pt", "last.pt"] if is_best else ["last.pt"])
+    save_checkpoint(run, is_best)
     if run.runtime.is_main:
+        show(format_epoch_line(row, run.config.epochs, run.selection_split), run.interrupt)
         log_tensorboard(run.tensorboard, row)
 
 
@@ -694,12 +778,12 @@ def evaluation_columns(split, evaluation):
 
 def test_final_and_best(run):
     """With a validation split: the test set's verdict on the final model and on the best epoch's (best.pt)."""
-    final = evaluate(run.evaluated_model, run.test_loader, run.runtime, run.precision, run.tta)
+    final = evaluate(run.evaluated_model, run.test_loader, run.runtime, run.precision, run.config.tta)
     if run.best_weights is not None:
-        best_model = model_with_weights(run.model_config, run.best_weights, run.runtime.device)
+        best_model = model_with_weights(run.config.model_config, run.best_weights, run.runtime.device)
     else:  # a resumed run whose best epoch came before the resume finds it only in best.pt
-        best_model = model_from_checkpoint(load_checkpoint(run.checkpoint_dir / "best.pt"), run.runtime.device)
-    best = evaluate(best_model, run.test_loader, run.runtime, run.precision, run.tta)
+        best_model = load_model(run.run_dir.best, run.runtime.device)
+    best = evaluate(best_model, run.test_loader, run.runtime, run.precision, run.config.tta)
     return final, best
 
 
@@ -720,23 +804,25 @@ def log_tensorboard(writer, row):
     writer.flush()
 
 
-def save_checkpoint(run, names):
-    """Snapshot the run's whole state to host memory now, and write it to each of `names` (and metrics.csv)
-    in the background (rank 0; all ranks must call)."""
+def save_checkpoint(run, is_best):
+    """Snapshot the run's whole state to host memory now, for the run folder to write in the background
+    (a collective: every rank calls it, rank 0 writes, and every rank stops if its last write failed)."""
     rng_states = gather_rng_states(run.runtime)
-    if not run.runtime.is_main:
-        return
+    if run.run_dir is not None:
+        on_main_rank(run.runtime, lambda: run.run_dir.save(checkpoint_of(run, rng_states), is_best))
+
+
+def checkpoint_of(run, rng_states):
     state = run.state
-    checkpoint = snapshot_to_host({
-        "format": CHECKPOINT_FORMAT, "model_config": run.model_config,
+    return snapshot_to_host({
+        "format": CHECKPOINT_FORMAT, "model_config": run.config.model_config,
         "model": unwrap_model(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
         "ema": run.average.model.state_dict() if run.average is not None else None,
         "scheduler": run.scheduler.state_dict(), "epoch": state.epoch, "step": state.step,
         "epoch_totals": state.epoch_totals, "best_top1": state.best_top1,
-        "early_stopping": run.early_stopping.state_dict(), "history": list(state.history), "args": run.args,
-        "rng": rng_states,
+        "early_stopping": run.early_stopping.state_dict(), "history": list(state.history),
+        "args": asdict(run.config), "rng": rng_states,
     })
-    run.writer.submit(run.checkpoint_dir, checkpoint, names)
 
 
 def snapshot_to_host(value):
@@ -762,64 +848,43 @@ def snapshot_to_host(value):
     return result
 
 
-class CheckpointWriter:
-    """Writes checkpoints from one background thread, one save at a time, so the next epoch starts at once.
-
-    A save writes best.pt (if it is one), then metrics.csv, then last.pt, each atomically: a kill
-    at any moment leaves whole files, and last.pt, the file a resume reads, is never ahead of the
-    others. A failed write is raised, as a CheckpointError, by the next `submit` or `wait`.
-    """
-
-    def __init__(self):
-        self.thread, self.error = None, None
-
-    def submit(self, directory, checkpoint, names):
-        self.wait()
-        self.thread = threading.Thread(target=self.write, args=(Path(directory), checkpoint, names),
-                                       name="checkpoint-writer")
-        self.thread.start()
-
-    def write(self, directory, checkpoint, names):
-        try:
-            data = checkpoint_bytes(checkpoint)
-            for name in [name for name in names if name != "last.pt"]:
-                atomic_write(directory / name, data)
-            write_metrics(directory / "metrics.csv", checkpoint["history"])
-            if "last.pt" in names:
-                atomic_write(directory / "last.pt", data)
-        except CheckpointError as err:
-            self.error = err
-
-    def wait(self):
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
-
-
 def match_parameter_layouts(optimizer):
     """Loaded momentum buffers come back contiguous; fused SGD needs each in its parameter's (channels_last) layout."""
     for parameter, state in optimizer.state.items():
-        if "momentum_buffer" in state and state["momentum_buffer"] is not None:
-            state["momentum_buffer"] = torch.empty_like(parameter).copy_(state["momentum_buffer"])
+        buffer = state.get("momentum_buffer")
+        if buffer is not None:
+            if buffer.shape != parameter.shape:
+                raise ValueError(f"a momentum buffer of shape {tuple(buffer.shape)} for a parameter of shape "
+                                 f"{tuple(parameter.shape)}")
+            state["momentum_buffer"] = torch.empty_like(parameter).copy_(buffer)
 
 
-def restore_run(run, checkpoint):
-    """Put a run back where `checkpoint` left it: weights, optimizer, schedule, counters and generators."""
-    unwrap_model(run.model).load_state_dict(checkpoint["model"])
-    if run.average is not None:
-        run.average.model.load_state_dict(checkpoint["ema"])
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
-    lr_to_float(run.optimizer)
-    match_parameter_layouts(run.optimizer)
-    load_scheduler_state(run.scheduler, checkpoint["scheduler"])
-    run.early_stopping.load_state_dict(checkpoint["early_stopping"])
-    run.state = RunState(checkpoint["epoch"], checkpoint["step"], checkpoint.get("epoch_totals"),
-                         checkpoint["best_top1"], list(checkpoint["history"]))
-    rng_states = checkpoint["rng"]
-    if len(rng_states) == run.runtime.world_size:
-        restore_rng_state(rng_states[run.runtime.rank])
-    else:  # another number of processes: draws cannot match the old run anyway, so only keep ranks apart
-        seed_everything(run.args["seed"] + 1000 * checkpoint["epoch"] + run.runtime.rank)
+def restore(checkpoint, path, model, optimizer, scheduler, average, early_stopping, runtime, steps_per_epoch, seed):
+    """Put the run's parts back where `checkpoint` left them and return its state; a part that does not fit
+    is reported in one line naming it."""
+    with damage_reported(path, "weights"):
+        model.load_state_dict(checkpoint["model"])
+    if average is not None:
+        with damage_reported(path, "weight average (--ema)"):
+            average.model.load_state_dict(checkpoint["ema"])
+    with damage_reported(path, "optimizer state"):
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        lr_to_float(optimizer)
+        match_parameter_layouts(optimizer)
+    with damage_reported(path, "schedule"):
+        load_scheduler_state(scheduler, checkpoint["scheduler"])
+        if scheduler.last_epoch != checkpoint["epoch"] * steps_per_epoch + checkpoint["step"]:
+            raise ValueError(f"it stands at step {scheduler.last_epoch}, not at epoch {checkpoint['epoch']} "
+                             f"step {checkpoint['step']}")
+    with damage_reported(path, "early-stopping record"):
+        early_stopping.load_state_dict(checkpoint["early_stopping"])
+        if not all(is_a(top1, NUMBER) for top1 in early_stopping.top1_history):
+            raise ValueError("its top-1 values are not all numbers")
+    with damage_reported(path, "random generator states"):
+        rng_states = checkpoint["rng"]
+        if len(rng_states) == runtime.world_size:
+            restore_rng_state(rng_states[runtime.rank])
+        else:  # another number of processes: draws cannot match the old run anyway, so only keep ranks apart
+            seed_everything(seed + 1000 * checkpoint["epoch"] + runtime.rank)
+    return RunState(checkpoint["epoch"], checkpoint["step"], checkpoint.get("epoch_totals"),
+                    float(checkpoint["best_top1"]), list(checkpoint["history"]))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import assert_same_weights, load_weights, run_train, tiny_run_args
-from train_utils import load_checkpoint, read_metrics
+from run_dir import load_checkpoint, read_metrics
 
 
 @pytest.mark.parametrize("flags", [
@@ -224,15 +224,15 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(cifar_dir, tmp_
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(train_main, cifar_dir, tmp_path, capsys,
                                                                      monkeypatch):
-    import train
-    real_criterion, calls = train.make_criterion(), []
+    import train_utils
+    real_criterion, calls = train_utils.make_criterion(), []
 
     def poisoned(logits, labels):  # finite for epoch 1 (4 steps), NaN from epoch 2, step 2
         calls.append(1)
         loss = real_criterion(logits, labels)
         return loss * float("nan") if len(calls) >= 6 else loss
 
-    monkeypatch.setattr(train, "make_criterion", lambda label_smoothing: poisoned)
+    monkeypatch.setattr(train_utils, "make_criterion", lambda label_smoothing: poisoned)
     assert train_main(tiny_run_args(cifar_dir, tmp_path / "ckpt", "--epochs", "3")) == 1
     err = capsys.readouterr().err
     assert "NaN or infinite at epoch 2, step 2" in err and "last good checkpoint" in err

@@ -8,7 +8,7 @@ import torch
 
 from conftest import REPO, load_weights, run_train, tiny_run_args, write_cifar100
 from model import build_model
-from train_utils import load_checkpoint
+from run_dir import load_checkpoint
 
 
 SETTINGS = ("--epochs", 2, "--lr", 0.05, "--batch-size", 64)  # the last --batch-size wins: 32 per process

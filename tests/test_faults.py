@@ -9,7 +9,7 @@ import time
 import pytest
 
 from conftest import REPO, assert_same_weights, load_weights, run_train, tiny_run_args, write_cifar100
-from train_utils import load_checkpoint
+from run_dir import load_checkpoint
 
 EPOCHS = 4
 
@@ -74,16 +74,16 @@ def test_a_signal_saves_a_resumable_checkpoint_and_says_how_to_resume(run_setup,
     process.send_signal(signum)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signum, err
-    assert f"python train.py --resume {checkpoint_dir / 'last.pt'}" in out
+    assert f"python train.py --resume {checkpoint_dir / 'last.pt'}" in err
     load_checkpoint(checkpoint_dir / "last.pt")
     finish_by_resuming(cifar_dir, checkpoint_dir)
     assert_same_weights(reference, load_weights(checkpoint_dir / "last.pt"))
 
 
 def test_an_interrupt_mid_epoch_resumes_at_that_step_exactly(run_setup, tmp_path, train_main, monkeypatch):
-    import train
+    import train_utils
     cifar_dir, reference = run_setup
-    real_criterion, calls = train.make_criterion(), []
+    real_criterion, calls = train_utils.make_criterion(), []
 
     def interrupted_at_step_23(logits, labels):  # epoch 2, step 7 of 16
         calls.append(1)
@@ -91,7 +91,7 @@ def test_an_interrupt_mid_epoch_resumes_at_that_step_exactly(run_setup, tmp_path
             os.kill(os.getpid(), signal.SIGINT)
         return real_criterion(logits, labels)
 
-    monkeypatch.setattr(train, "make_criterion", lambda label_smoothing: interrupted_at_step_23)
+    monkeypatch.setattr(train_utils, "make_criterion", lambda label_smoothing: interrupted_at_step_23)
     checkpoint_dir = tmp_path / "ckpt"
     assert train_main(tiny_run_args(cifar_dir, checkpoint_dir, "--epochs", EPOCHS)) == 130
     saved = load_checkpoint(checkpoint_dir / "last.pt")

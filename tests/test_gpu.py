@@ -66,7 +66,7 @@ def gpu_data(tmp_path):
 
 def test_a_short_real_run_on_the_gpu_writes_checkpoints_that_resume(gpu_data, tmp_path):
     from conftest import TINY_MODEL
-    from train_utils import load_checkpoint
+    from run_dir import load_checkpoint
     common = [*TINY_MODEL, "--data-dir", gpu_data, "--no-download", "--checkpoint-dir", tmp_path / "ckpt",
               "--batch-size", 32, "--device", "cuda"]
     first = run_train_on_gpu(*common, "--epochs", 3, "--target-accuracy", 0.01, "--patience", 1)

@@ -9,59 +9,56 @@ import numpy as np
 import pytest
 import torch
 
+import train_utils
+from conftest import tiny_run_args
 from dataset_utils import DataConfig, load_cifar100
 from device_utils import Runtime
-from model import build_model
-from train_utils import (CheckpointError, EarlyStopping, NonFiniteLossError, atomic_write, capture_rng_state,
-                         evaluate, load_checkpoint, make_criterion, make_optimizer, make_scheduler,
-                         make_train_step, restore_rng_state, snapshot_to_host, train_one_epoch,
-                         uses_cuda_graphs, WeightAverage)
+from run_dir import CheckpointError, atomic_write, load_checkpoint
+from train import parse_args
+from train_utils import (Config, EarlyStopping, NonFiniteLossError, WeightAverage, build_run, capture_rng_state,
+                         evaluate, make_criterion, make_train_step, restore_rng_state, snapshot_to_host,
+                         train_one_epoch, uses_cuda_graphs)
 
 CPU = Runtime(torch.device("cpu"))
 
 
-def tiny_setup(cifar_dir, lr=0.05, epochs=3):
+def tiny_run(cifar_dir, *flags):
+    """The run train.py would build from these flags, on the CPU, with no run folder: nothing is written."""
+    args, _ = parse_args(tiny_run_args(cifar_dir, "unused", "--lr", 0.05, "--epochs", 3, *flags))
     torch.manual_seed(0)
-    train, _, test = load_cifar100(DataConfig(16, cifar_dir, download=False))
-    model = build_model("wideresnet", depth=10, widen_factor=1).to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, lr)
-    scheduler = make_scheduler(optimizer, lr, epochs * train.steps_per_epoch)
-    return model, train, test, optimizer, scheduler
-
-
-def eager_step(model, optimizer, criterion=None):
-    return make_train_step(model, optimizer, criterion or make_criterion(), CPU, "fp32")
+    return build_run(Config.from_flags(args), CPU, load_cifar100(DataConfig(16, cifar_dir, download=False)))
 
 
 def test_a_few_epochs_on_learnable_data_reduce_the_loss(cifar_dir):
-    model, train, test, optimizer, scheduler = tiny_setup(cifar_dir)
-    before = evaluate(model, test, CPU, "fp32")
-    step = eager_step(model, optimizer)
+    run = tiny_run(cifar_dir)
+    before = evaluate(run.model, run.test_loader, CPU, "fp32")
     for epoch in range(3):
-        train_one_epoch(step, train, scheduler, epoch, CPU, show_progress=False)
-    after = evaluate(model, test, CPU, "fp32")
+        run.state.epoch = epoch
+        train_one_epoch(run, show_progress=False)
+    after = evaluate(run.model, run.test_loader, CPU, "fp32")
     assert after.loss < before.loss - 1.0
     assert after.top1 > 0.5 > before.top1
 
 
 def test_train_one_epoch_counts_every_image_it_trains_on(cifar_dir):
-    model, train, _, optimizer, scheduler = tiny_setup(cifar_dir)
-    totals, stopped = train_one_epoch(eager_step(model, optimizer), train, scheduler, 0, CPU, show_progress=False)
+    totals, stopped = train_one_epoch(tiny_run(cifar_dir), show_progress=False)
     assert stopped is None and totals.images == 64 and totals.seconds > 0
     assert 0 <= totals.correct.item() <= 64 and torch.isfinite(totals.loss_sum)
 
 
-def test_a_nan_loss_names_the_epoch_and_step(cifar_dir):
-    model, train, _, optimizer, scheduler = tiny_setup(cifar_dir)
+def test_a_nan_loss_names_the_epoch_and_step(cifar_dir, monkeypatch):
     calls = []
 
     def poisoned(logits, labels):
         calls.append(1)
-        loss = make_criterion()(logits, labels)
+        loss = torch.nn.functional.cross_entropy(logits, labels)
         return loss * float("nan") if len(calls) == 3 else loss
 
+    monkeypatch.setattr(train_utils, "make_criterion", lambda label_smoothing: poisoned)
+    run = tiny_run(cifar_dir)
+    run.state.epoch = 4
     with pytest.raises(NonFiniteLossError, match="epoch 5, step 3"):
-        train_one_epoch(eager_step(model, optimizer, poisoned), train, scheduler, 4, CPU, show_progress=False)
+        train_one_epoch(run, show_progress=False)
 
 
 def test_early_stopping_waits_for_patience_consecutive_epochs():
@@ -112,7 +109,7 @@ def test_a_full_disk_keeps_the_previous_file_and_says_so(tmp_path, monkeypatch):
 def test_a_kill_during_a_checkpoint_write_leaves_the_old_file_loadable(tmp_path):
     path = tmp_path / "last.pt"
     torch.save({"generation": 1}, path)
-    writer = ("import sys, torch; sys.path.insert(0, sys.argv[2]); from train_utils import atomic_write, "
+    writer = ("import sys, torch; sys.path.insert(0, sys.argv[2]); from run_dir import atomic_write, "
               "checkpoint_bytes; atomic_write(sys.argv[1], checkpoint_bytes({'big': torch.ones(400_000_000, "
               "dtype=torch.uint8)}))")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,22 +145,21 @@ def test_untrusted_checkpoints_are_refused_in_one_line(tmp_path, damage):
 
 
 def test_evaluate_leaves_the_model_in_the_mode_it_found(cifar_dir):
-    model, _, test, _, _ = tiny_setup(cifar_dir)
+    run = tiny_run(cifar_dir)
     for training in (True, False):
-        model.train(training)
-        evaluate(model, test, CPU, "fp32")
-        assert model.training == training
+        run.model.train(training)
+        evaluate(run.model, run.test_loader, CPU, "fp32")
+        assert run.model.training == training
 
 
 def test_momentum_stays_what_the_flag_says_through_the_one_cycle(cifar_dir):
-    model, train, _, _, _ = tiny_setup(cifar_dir)
-    optimizer = make_optimizer(model, 0.05, momentum=0.5)
-    scheduler = make_scheduler(optimizer, 0.05, 2 * train.steps_per_epoch)
+    run = tiny_run(cifar_dir, "--momentum", 0.5, "--epochs", 2)
     lrs = []
     for epoch in range(2):
-        train_one_epoch(eager_step(model, optimizer), train, scheduler, epoch, CPU, show_progress=False)
-        lrs.append(optimizer.param_groups[0]["lr"])
-        assert optimizer.param_groups[0]["momentum"] == 0.5
+        run.state.epoch = epoch
+        train_one_epoch(run, show_progress=False)
+        lrs.append(run.optimizer.param_groups[0]["lr"])
+        assert run.optimizer.param_groups[0]["momentum"] == 0.5
     assert lrs[0] > lrs[1]  # the lr did cycle
 
 
@@ -176,20 +172,21 @@ def test_cuda_graphs_only_for_one_cuda_process_and_only_when_wanted():
 
 
 def test_a_snapshot_keeps_the_values_of_the_moment_it_was_taken(cifar_dir):
-    model, train, _, optimizer, scheduler = tiny_setup(cifar_dir)
-    snapshot = snapshot_to_host({"model": model.state_dict(), "nested": [optimizer.state_dict()]})
-    before = {key: value.clone() for key, value in model.state_dict().items()}
-    train_one_epoch(eager_step(model, optimizer), train, scheduler, 0, CPU, show_progress=False)
-    assert any(not torch.equal(before[key], model.state_dict()[key]) for key in before)
+    run = tiny_run(cifar_dir)
+    snapshot = snapshot_to_host({"model": run.model.state_dict(), "nested": [run.optimizer.state_dict()]})
+    before = {key: value.clone() for key, value in run.model.state_dict().items()}
+    train_one_epoch(run, show_progress=False)
+    assert any(not torch.equal(before[key], run.model.state_dict()[key]) for key in before)
     assert all(torch.equal(before[key], snapshot["model"][key]) for key in before)
 
 
 def test_the_weight_average_follows_the_ema_formula_for_weights_and_batchnorm_statistics(cifar_dir):
-    model, train, _, optimizer, scheduler = tiny_setup(cifar_dir)
+    run = tiny_run(cifar_dir)
+    model = run.model
     average = WeightAverage(model, decay=0.9)
-    step = make_train_step(model, optimizer, make_criterion(), CPU, "fp32", average=average)
+    step = make_train_step(model, run.optimizer, make_criterion(), CPU, "fp32", average=average)
     before = {key: value.clone() for key, value in average.model.state_dict().items()}
-    images, labels = next(train.batches(0))
+    images, labels = next(run.train_loader.batches(0))
     step.start_epoch(0)
     step(images, labels)
     after, current = average.model.state_dict(), model.state_dict()
