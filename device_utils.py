@@ -1,6 +1,9 @@
 """Choosing the device, mixed precision, and the distributed process group (torchrun)."""
 import contextlib
+import ctypes
 import os
+import signal
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -100,8 +103,17 @@ def setup_runtime(preference=None):
         backend = "gloo"
     else:
         raise DeviceError(f"distributed training runs on cuda (NCCL) or cpu (gloo), not {device.type}")
+    stop_with_the_launcher()
     dist.init_process_group(backend, rank=rank, world_size=world_size)
     return Runtime(device, rank, world_size)
+
+
+def stop_with_the_launcher():
+    """Ask Linux to send this worker SIGTERM when the torchrun launcher dies, even by `kill -9`: the worker then
+    saves a checkpoint and stops, instead of training on unseen (and holding the run folder) with no launcher."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def teardown_runtime(runtime):
@@ -138,10 +150,17 @@ def on_main_rank(runtime, action):
         dist.broadcast_object_list(shared, src=0)
         error = shared[0]
     if error is not None:
-        if not runtime.is_main:
-            error.shown_by_rank_0 = True  # the other ranks stop quietly: one line in all
+        error.every_rank_stops = runtime.distributed
+        error.shown_by_rank_0 = not runtime.is_main  # the other ranks stop quietly: one line in all
         raise error
     return result
+
+
+def leave_together(runtime):
+    """After an error that every rank stopped on: wait for rank 0 to have said so, then exit with the same code.
+    torchrun stops the remaining workers the moment one exits; that SIGTERM is ignored, as this rank is leaving."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    dist.barrier()
 
 
 def any_rank(flag, runtime):

@@ -156,7 +156,8 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 from dataset_utils import DataConfig, DataError, EvalLoader, load_cifar100, read_cifar100  # noqa: E402
-from device_utils import DeviceError, input_dtype, resolve_precision, setup_runtime, teardown_runtime  # noqa: E402
+from device_utils import (DeviceError, input_dtype, leave_together, resolve_precision, setup_runtime,  # noqa: E402
+                          teardown_runtime)
 from run_dir import CheckpointError, RunDir, load_checkpoint  # noqa: E402
 from train_utils import (Config, NonFiniteLossError, build_run, check_model_config, describe_model_config,  # noqa: E402
                          evaluate, fit, model_from_checkpoint, seed_everything, show, test_final_and_best)
@@ -176,7 +177,10 @@ def main(argv=None):
             return evaluate_checkpoint(args, explicit, runtime)
         return train(args, explicit, runtime)
     except USER_ERRORS as err:
-        return fail(err)
+        code = fail(err)
+        if getattr(err, "every_rank_stops", False):
+            leave_together(runtime)
+        return code
     except KeyboardInterrupt:
         return fail("interrupted before training started; nothing needed saving", code=130)
     finally:

@@ -1,0 +1,317 @@
+"""The run folder under hostile conditions: kills between writes, damaged checkpoints, closed outputs,
+file systems that change under a run, and errors that only torchrun's rank 0 sees."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, load_weights, run_train, tiny_run_args, write_cifar100
+from run_dir import load_checkpoint, read_metrics
+from test_distributed import torchrun
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished 2-epoch run on 256 images, copied by each test that damages it."""
+    root = tmp_path_factory.mktemp("run_dir")
+    cifar_dir = write_cifar100(root / "data", train_size=256)
+    result = run_train(*tiny_run_args(cifar_dir, root / "ckpt", "--epochs", 2))
+    assert result.returncode == 0, result.stderr
+    return cifar_dir, root / "ckpt"
+
+
+def copy_of(trained, tmp_path):
+    cifar_dir, folder = trained
+    shutil.copytree(folder, tmp_path / "ckpt")
+    return cifar_dir, tmp_path / "ckpt"
+
+
+def start_train(*args, **popen_kwargs):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    popen_kwargs = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen_kwargs}
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=env, **popen_kwargs)
+
+
+def wait_for(condition, process, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended first"
+        time.sleep(0.02)
+
+
+def assert_one_line_error(result_stderr, *fragments):
+    lines = result_stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result_stderr
+    assert all(fragment in lines[0] for fragment in fragments), lines[0]
+
+
+# ---- last.pt is the commit point ----
+
+KILL_AT_SECOND_BEST_WRITE = """
+import os, signal, sys
+sys.path.insert(0, os.getcwd())
+import run_dir
+real_write, best_writes = run_dir.atomic_write, []
+
+def write_or_die(path, data):
+    if path.name == "best.pt":
+        best_writes.append(path)
+        if len(best_writes) == 2:  # last.pt of this epoch is on disk; best.pt and metrics.csv are not
+            os.kill(os.getpid(), signal.SIGKILL)
+    real_write(path, data)
+
+run_dir.atomic_write = write_or_die
+import train
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_a_kill_between_the_last_pt_and_best_pt_writes_is_repaired_on_resume(trained, tmp_path):
+    cifar_dir, _ = trained
+    folder = tmp_path / "ckpt"
+    killed = run_python(KILL_AT_SECOND_BEST_WRITE, *tiny_run_args(cifar_dir, folder, "--epochs", 3))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    last = load_checkpoint(folder / "last.pt")
+    assert last["history"][-1]["best"] and load_checkpoint(folder / "best.pt")["epoch"] < last["epoch"]
+    assert len(read_metrics(folder / "metrics.csv")) < last["epoch"]  # both behind: what a kill there leaves
+    resumed = run_train(*tiny_run_args(cifar_dir, folder, "--resume", "--epochs", last["epoch"]))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"best.pt brought up to epoch {last['epoch']}" in resumed.stderr
+    assert (folder / "best.pt").read_bytes() == (folder / "last.pt").read_bytes()
+    assert [int(row["epoch"]) for row in read_metrics(folder / "metrics.csv")] == list(range(1, last["epoch"] + 1))
+
+
+def run_python(code, *args):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+# ---- checkpoints in our format, damaged ----
+
+
+def misshape_a_weight(checkpoint):
+    checkpoint["model"]["conv1.weight"] = torch.zeros(3)
+
+
+def drop_a_weight(checkpoint):
+    del checkpoint["model"]["fc.bias"]
+
+
+def add_a_weight(checkpoint):
+    checkpoint["model"]["extra.weight"] = torch.zeros(3)
+
+
+def misshape_a_momentum_buffer(checkpoint):
+    checkpoint["optimizer"]["state"][0]["momentum_buffer"] = torch.zeros(1)
+
+
+def drop_an_optimizer_group(checkpoint):
+    checkpoint["optimizer"]["param_groups"] = []
+
+
+def break_the_rng_state(checkpoint):
+    checkpoint["rng"][0]["torch"] = torch.zeros(7, dtype=torch.uint8)
+
+
+def move_the_schedule(checkpoint):
+    checkpoint["scheduler"]["last_epoch"] = 5
+
+
+def make_a_setting_a_string(checkpoint):
+    checkpoint["args"]["lr"] = "fast"
+
+
+def make_best_top1_a_string(checkpoint):
+    checkpoint["best_top1"] = "90%"
+
+
+def make_the_history_a_dict(checkpoint):
+    checkpoint["history"] = {"epoch": 1}
+
+
+DAMAGES = [misshape_a_weight, drop_a_weight, add_a_weight, misshape_a_momentum_buffer, drop_an_optimizer_group,
+           break_the_rng_state, move_the_schedule, make_a_setting_a_string, make_best_top1_a_string,
+           make_the_history_a_dict]
+
+
+@pytest.mark.parametrize("damage", DAMAGES, ids=[damage.__name__ for damage in DAMAGES])
+def test_each_kind_of_damaged_checkpoint_is_refused_in_one_line_and_kept(trained, tmp_path, train_main, capsys,
+                                                                         damage):
+    cifar_dir, folder = copy_of(trained, tmp_path)
+    path = folder / "last.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    damage(checkpoint)
+    torch.save(checkpoint, path)
+    damaged = path.read_bytes()
+    capsys.readouterr()
+    assert train_main(tiny_run_args(cifar_dir, folder, "--resume", "--epochs", 3)) == 1
+    assert_one_line_error(capsys.readouterr().err, str(path))
+    assert path.read_bytes() == damaged
+    assert load_checkpoint(folder / "best.pt")["epoch"] <= 2  # nothing else was touched either
+
+
+def test_evaluate_refuses_a_checkpoint_naming_a_model_it_does_not_know(trained, tmp_path, train_main, capsys):
+    cifar_dir, folder = copy_of(trained, tmp_path)
+    path = folder / "best.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["model_config"]["name"] = "resnet9000"
+    torch.save(checkpoint, path)
+    capsys.readouterr()
+    assert train_main(tiny_run_args(cifar_dir, folder, "--evaluate")) == 1
+    assert_one_line_error(capsys.readouterr().err, str(path), "resnet9000")
+
+
+# ---- outputs and signals ----
+
+
+def test_a_closed_stdout_stops_the_run_with_the_finished_epoch_saved(trained, tmp_path):
+    cifar_dir, _ = trained
+    folder = tmp_path / "ckpt"
+    process = start_train(REPO / "train.py", *tiny_run_args(cifar_dir, folder, "--epochs", 2))
+    process.stdout.readline()  # `| head -1`: one line read, then the pipe is closed
+    process.stdout.close()
+    err = process.stderr.read()
+    assert process.wait(timeout=120) == 128 + signal.SIGPIPE, err
+    assert "Traceback" not in err and "standard output was closed" in err
+    assert f"python train.py --resume {folder / 'last.pt'}" in err
+    saved = load_checkpoint(folder / "last.pt")
+    assert (saved["epoch"], saved["step"]) == (1, 0)  # the epoch whose line could not be shown is on disk
+    resumed = run_train(*tiny_run_args(cifar_dir, folder, "--resume", "--epochs", 2))
+    assert resumed.returncode == 0, resumed.stderr
+    reference = load_weights(trained[1] / "last.pt")
+    assert all(torch.equal(reference[key], value) for key, value in load_weights(folder / "last.pt").items())
+
+
+def loads_torch(pid):
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc to see the import under way")
+def test_ctrl_c_while_torch_loads_is_one_line_and_writes_nothing(trained, tmp_path):
+    cifar_dir, _ = trained
+    process = start_train(REPO / "train.py", *tiny_run_args(cifar_dir, tmp_path / "ckpt", "--epochs", 1))
+    wait_for(lambda: loads_torch(process.pid), process, timeout=60)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "interrupted" in lines[0] and "Traceback" not in err
+    assert not (tmp_path / "ckpt").exists()
+
+
+# ---- the file system changes under a running run ----
+
+
+def test_a_checkpoint_folder_replaced_by_a_file_mid_run_is_one_line(trained, tmp_path):
+    cifar_dir, _ = trained
+    folder = tmp_path / "ckpt"
+    process = start_train(REPO / "train.py", *tiny_run_args(cifar_dir, folder, "--epochs", 1000))
+    wait_for(lambda: (folder / "last.pt").exists(), process)
+    folder.rename(tmp_path / "moved-away")
+    folder.write_text("not a folder")
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert_one_line_error(err, str(folder))
+    assert load_checkpoint(tmp_path / "moved-away" / "last.pt")["epoch"] >= 1
+
+
+def can_mount_in_a_namespace():
+    probe = "d=$(mktemp -d) && mount -t tmpfs none $d && mount -o remount,ro $d"
+    return shutil.which("unshare") and subprocess.run(["unshare", "-rm", "sh", "-c", probe],
+                                                      capture_output=True).returncode == 0
+
+
+REMOUNT_MID_RUN = """
+mount -t tmpfs none "$1"
+shift
+"$@" &
+run=$!
+while [ ! -e "$CHECKPOINTS/last.pt" ]; do sleep 0.05; done
+mount -o remount,ro "$CHECKPOINTS"
+wait $run
+echo "exit $?"
+"""
+
+
+@pytest.mark.skipif(not can_mount_in_a_namespace(), reason="needs unshare and tmpfs mounts in a user namespace")
+def test_a_tmpfs_remounted_read_only_mid_run_is_one_line(trained, tmp_path):
+    cifar_dir, _ = trained
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", "CHECKPOINTS": str(folder)}
+    command = [sys.executable, str(REPO / "train.py"), *map(str, tiny_run_args(cifar_dir, folder, "--epochs", 1000))]
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", REMOUNT_MID_RUN, "sh", str(folder), *command], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip().splitlines()[-1] == "exit 1", result.stderr
+    assert_one_line_error(result.stderr, "Read-only file system")
+
+
+def test_a_data_file_that_is_a_folder_or_a_link_loop_is_named(tmp_path, train_main, capsys):
+    for make_it in (Path.mkdir, lambda path: path.symlink_to(path)):
+        cifar_dir = write_cifar100(tmp_path / "data")
+        test_file = cifar_dir / "cifar-100-python" / "test"
+        test_file.unlink()
+        make_it(test_file)
+        capsys.readouterr()
+        assert train_main(tiny_run_args(cifar_dir, tmp_path / "ckpt", "--epochs", 1)) == 1
+        assert_one_line_error(capsys.readouterr().err, str(test_file), "not a readable file")
+        shutil.rmtree(tmp_path / "data")
+
+
+# ---- torchrun ----
+
+
+def test_an_error_only_rank_0_sees_stops_every_rank_with_one_line(trained, tmp_path):
+    cifar_dir, _ = trained
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "last.pt").write_bytes(b"a run lives here")
+    result = torchrun(*tiny_run_args(cifar_dir, folder, "--epochs", 1))
+    assert result.returncode == 1
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert ours == [f"error: {folder / 'last.pt'} exists: continue it with --resume, or start a new run in another "
+                    f"--checkpoint-dir"]
+    assert result.stderr.count("exitcode  : 1") == 2  # the launcher's report: each rank exited with 1
+    assert "train.py\", line" not in result.stderr and "Connection closed" not in result.stderr
+
+
+def worker_pids(launcher_pid):
+    children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children")
+    return [int(pid) for pid in children.read_text().split()] if children.exists() else []
+
+
+def running(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux's")
+def test_killing_the_torchrun_launcher_stops_the_workers_with_a_checkpoint(trained, tmp_path):
+    cifar_dir, _ = trained
+    folder = tmp_path / "ckpt"
+    launcher = start_train("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", REPO / "train.py",
+                           *tiny_run_args(cifar_dir, folder, "--epochs", 1000, "--batch-size", 64),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: (folder / "last.pt").exists(), launcher)
+    workers = worker_pids(launcher.pid)
+    assert len(workers) == 2
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 60
+    while any(running(pid) for pid in workers):
+        assert time.monotonic() < deadline, "the workers trained on without their launcher"
+        time.sleep(0.1)
+    assert load_checkpoint(folder / "last.pt")["epoch"] >= 1
+    assert not [entry for entry in folder.iterdir() if ".tmp" in entry.name]
