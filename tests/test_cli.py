@@ -322,3 +322,23 @@ def test_start_up_removes_only_its_own_temporaries(cifar_dir, tmp_path):
     assert run_train(*tiny_run_args(cifar_dir, checkpoint_dir, "--epochs", "1")).returncode == 0
     names = {p.name for p in checkpoint_dir.iterdir()}
     assert {".notes.tmp.txt", ".best.pt.tmp1"} <= names and ".last.pt.tmp4242" not in names
+
+
+def test_every_flag_is_a_setting_with_one_resume_rule():
+    from dataclasses import fields
+
+    from train import build_parser
+    from train_utils import Config
+    flags = {action.dest for action in build_parser()._actions} - {"help", "resume", "evaluate"}
+    assert flags == {setting.name for setting in fields(Config)}
+    rules = {setting.metadata.get("on_resume", "fixed") for setting in fields(Config)}
+    assert rules == {"fixed", "may change", "this command's"}
+
+
+def test_resume_keeps_the_checkpoints_recipe_but_this_commands_run_settings(train_main, cifar_dir, tmp_path):
+    assert train_main(tiny_run_args(cifar_dir, tmp_path / "ckpt", "--epochs", "1", "--tta", "--test-batch-size",
+                                    "8")) == 0
+    assert train_main(tiny_run_args(cifar_dir, tmp_path / "ckpt", "--resume", "--epochs", "2")) == 0
+    settings = load_checkpoint(tmp_path / "ckpt" / "last.pt")["args"]
+    assert settings["tta"] is True  # a recipe setting: the checkpoint's, since none was given
+    assert settings["test_batch_size"] == 1000 and settings["epochs"] == 2  # this command's default, and flag
