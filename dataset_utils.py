@@ -261,10 +261,28 @@ class AugmentationPlan:
     jitter_factors: torch.Tensor  # (N, 3) in [0.8, 1.2]
     jitter_order: torch.Tensor  # (steps, 3): torchvision shuffles the jitter ops per call; we do per batch
     cutout_centres: torch.Tensor  # (N, 2) in [0, 32): used only with --cutout
+    mixing: "MixPlan" = None  # with --mixup or --cutmix
 
 
-def plan_epoch(num_images, steps, seed, epoch, device):
-    """Draw an epoch's plan on the CPU, so a seed gives the same run on every device, then move it once."""
+@dataclass
+class MixPlan:
+    """How each batch is mixed with itself reversed (image i with image B-1-i), one row per step.
+
+    `weights` is each image's own share of the result and of its target; the partner has the rest.
+    A CutMix step pastes the partner into `boxes` (top, left, bottom, right) and its weight is the area
+    left; a mixup step has an empty box and blends the whole image by its weight.
+    """
+
+    weights: torch.Tensor  # (steps,) in [0, 1]
+    boxes: torch.Tensor  # (steps, 4)
+    blend: torch.Tensor  # (steps,) the blending weight: 1 on CutMix steps, the weight on mixup steps
+
+
+def plan_epoch(num_images, steps, seed, epoch, device, mixup=0.0, cutmix=0.0):
+    """Draw an epoch's plan on the CPU, so a seed gives the same run on every device, then move it once.
+
+    `mixup` and `cutmix` are the Beta(alpha, alpha) parameters of the mixing weights (0: off).
+    """
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(num_images, generator=generator)
     crop_offsets = torch.randint(0, 2 * CROP_PADDING + 1, (num_images, 2), generator=generator)
@@ -272,14 +290,55 @@ def plan_epoch(num_images, steps, seed, epoch, device):
     degrees = (torch.rand(num_images, generator=generator) * 2 - 1) * MAX_ROTATION_DEGREES
     jitter_factors = 1 + (torch.rand(num_images, 3, generator=generator) * 2 - 1) * JITTER_STRENGTH
     jitter_order = torch.stack([torch.randperm(3, generator=generator) for _ in range(steps)])
-    cutout_centres = torch.randint(0, IMAGE_SIZE, (num_images, 2), generator=generator)  # drawn last: older draws keep
+    cutout_centres = torch.randint(0, IMAGE_SIZE, (num_images, 2), generator=generator)
+    mixing = plan_mixing(steps, mixup, cutmix, generator) if mixup or cutmix else None  # last: older draws keep
 
     def to_device(tensor):
         return tensor.to(device, non_blocking=True)
 
     # jitter_order stays on the CPU: it picks which ops run, and reading it from a GPU would sync every batch.
     return AugmentationPlan(to_device(order), to_device(crop_offsets), to_device(flip), to_device(degrees),
-                            to_device(jitter_factors), jitter_order, to_device(cutout_centres))
+                            to_device(jitter_factors), jitter_order, to_device(cutout_centres),
+                            mixing and MixPlan(*map(to_device, (mixing.weights, mixing.boxes, mixing.blend))))
+
+
+def plan_mixing(steps, mixup, cutmix, generator):
+    """Each step is CutMix or mixup (half and half when both are on), with its weight drawn from Beta(alpha, alpha)."""
+    rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))  # torch has no seeded Beta
+    use_cutmix = rng.random(steps) < 0.5 if mixup and cutmix else np.full(steps, cutmix > 0)
+    alpha = np.where(use_cutmix, cutmix, mixup)
+    drawn = rng.beta(alpha, alpha)
+    # CutMix: a square of (1 - weight) of the image, centred anywhere, clipped by the border.
+    half_side = np.sqrt(1 - drawn) * IMAGE_SIZE / 2
+    centres = rng.integers(0, IMAGE_SIZE, (steps, 2))
+    low = np.clip(np.rint(centres - half_side[:, None]), 0, IMAGE_SIZE).astype(np.int64)
+    high = np.clip(np.rint(centres + half_side[:, None]), 0, IMAGE_SIZE).astype(np.int64)
+    boxes = np.where(use_cutmix[:, None], np.concatenate([low, high], 1), 0)
+    pasted = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / IMAGE_SIZE**2
+    weights = np.where(use_cutmix, 1 - pasted, drawn)
+    blend = np.where(use_cutmix, 1.0, drawn)
+    return MixPlan(torch.tensor(weights, dtype=torch.float32), torch.from_numpy(boxes),
+                   torch.tensor(blend, dtype=torch.float32))
+
+
+def mix_images(images, mixing):
+    """Mix steps of batches (steps, B, 3, H, W) with themselves reversed, by the plan's rows for those steps."""
+    partners = images.flip(1)
+    blend = mixing.blend[:, None, None, None, None].to(images.dtype)
+    mixed = blend * images + (1 - blend) * partners
+    steps = torch.arange(images.shape[-1], device=images.device)
+    top, left, bottom, right = (mixing.boxes[:, i, None] for i in range(4))
+    rows = (steps >= top) & (steps < bottom)
+    cols = (steps >= left) & (steps < right)
+    pasted = (rows[:, :, None] & cols[:, None, :])[:, None, None]
+    return torch.where(pasted, partners, mixed)
+
+
+def mix_targets(labels, weights, num_classes=NUM_CLASSES):
+    """Targets (steps, B, classes) of batches of labels (steps, B) mixed with themselves reversed: each row sums to 1."""
+    own = F.one_hot(labels, num_classes).float()
+    weights = weights[:, None, None]
+    return weights * own + (1 - weights) * own.flip(1)
 
 
 def augment(images, plan, positions, jitter_order, cutout_size=0):
@@ -323,7 +382,7 @@ class TrainLoader:
     """
 
     def __init__(self, images, labels, batch_size, seed=0, rank=0, world_size=1, dtype=torch.float32,
-                 cutout_size=0):
+                 cutout_size=0, mixup=0.0, cutmix=0.0):
         if batch_size % world_size:
             raise DataError(f"batch size {batch_size} does not split evenly over {world_size} processes")
         if batch_size > len(images):
@@ -332,6 +391,7 @@ class TrainLoader:
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.dtype, self.cutout_size = dtype, cutout_size
+        self.mixup, self.cutmix = mixup, cutmix
         self.steps_per_epoch = len(images) // batch_size
         self.images_per_rank_step = batch_size // world_size
 
@@ -352,16 +412,28 @@ class TrainLoader:
             positions = torch.cat([self.positions(step) for step in chunk])
             orders = plan.jitter_order[chunk.start:chunk.stop].repeat_interleave(per_rank, dim=0)
             images = augment(self.images[plan.order[positions]], plan, positions, orders, self.cutout_size)
+            if plan.mixing is not None:
+                rows = MixPlan(*(part[chunk.start:chunk.stop] for part in vars(plan.mixing).values()))
+                images = mix_images(images.view(len(chunk), per_rank, *images.shape[1:]), rows).flatten(0, 1)
             buffer[first * per_rank:(first + len(chunk)) * per_rank] = images
         return buffer
 
+    def epoch_targets(self, plan, start_step=0):
+        """The labels of this rank's batches (steps, B); with mixing, their mixed targets (steps, B, classes)."""
+        positions = torch.stack([self.positions(step) for step in range(start_step, self.steps_per_epoch)])
+        labels = self.labels[plan.order[positions]]
+        if plan.mixing is None:
+            return labels
+        return mix_targets(labels, plan.mixing.weights[start_step:])
+
     def batches(self, epoch, start_step=0):
-        plan = plan_epoch(len(self.images), self.steps_per_epoch, self.seed, epoch, self.images.device)
+        plan = plan_epoch(len(self.images), self.steps_per_epoch, self.seed, epoch, self.images.device, self.mixup,
+                          self.cutmix)
         buffer = self.augment_epoch(plan, start_step)
+        targets = self.epoch_targets(plan, start_step)
         per_rank = self.images_per_rank_step
-        for index, step in enumerate(range(start_step, self.steps_per_epoch)):
-            labels = self.labels[plan.order[self.positions(step)]]
-            yield buffer[index * per_rank:(index + 1) * per_rank], labels
+        for index in range(len(targets)):
+            yield buffer[index * per_rank:(index + 1) * per_rank], targets[index]
 
 
 class EvalLoader:
@@ -419,6 +491,8 @@ class DataConfig:
     test_batch_size: int = 1000
     val_size: int = 0
     cutout_size: int = 0
+    mixup: float = 0.0
+    cutmix: float = 0.0
     dtype: torch.dtype = torch.float32
 
 
@@ -436,7 +510,7 @@ def load_cifar100(config):
                          config.rank, config.world_size, config.dtype)
         images, labels = images[train_indices], labels[train_indices]
     train = TrainLoader(images.to(device), labels.to(device), config.batch_size, config.seed, config.rank,
-                        config.world_size, config.dtype, config.cutout_size)
+                        config.world_size, config.dtype, config.cutout_size, config.mixup, config.cutmix)
     test = EvalLoader(arrays.test_images.to(device), arrays.test_labels.to(device), config.test_batch_size,
                       config.rank, config.world_size, config.dtype)
     train.classes = test.classes = arrays.classes

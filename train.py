@@ -88,6 +88,13 @@ def build_parser():
     optim.add_argument("--label-smoothing", type=FRACTION, default=0.0, help="in [0, 1)")
     optim.add_argument("--cutout", type=bounded(int, low=0, high=32), default=0, metavar="SIZE",
                        help="zero one SIZE x SIZE square per training image (0: off)")
+    optim.add_argument("--mixup", type=NON_NEGATIVE_FLOAT, default=0.0, metavar="ALPHA",
+                       help="blend each training batch with itself reversed, images and targets, by a weight drawn "
+                            "per batch from Beta(ALPHA, ALPHA) (0: off)")
+    optim.add_argument("--cutmix", type=NON_NEGATIVE_FLOAT, default=0.0, metavar="ALPHA",
+                       help="paste a box of each training image's partner in the reversed batch into it, the targets "
+                            "weighted by area, the box's share drawn per batch from Beta(ALPHA, ALPHA); with --mixup, "
+                            "each batch uses one of the two (0: off)")
     optim.add_argument("--ema", type=bounded(float, low=0, high=1, high_open=True), default=0.0, metavar="DECAY",
                        help="also keep an exponential moving average of the weights, updated every step with this "
                             "decay; it is what is evaluated, saved as best.pt's choice and returned by load_model "
@@ -217,9 +224,10 @@ def train(args, explicit, runtime):
     torch.backends.cudnn.benchmark = True
     seed_everything(config.seed + runtime.rank)
     precision = resolve_precision(runtime.device, config.precision)
-    loaders = load_cifar100(DataConfig(config.batch_size, config.data_dir, not config.no_download, runtime.device,
-                                       config.seed, runtime.rank, runtime.world_size, config.test_batch_size,
-                                       config.val_size, config.cutout, input_dtype(precision)))
+    loaders = load_cifar100(DataConfig(
+        config.batch_size, config.data_dir, not config.no_download, runtime.device, config.seed, runtime.rank,
+        runtime.world_size, config.test_batch_size, config.val_size, cutout_size=config.cutout, mixup=config.mixup,
+        cutmix=config.cutmix, dtype=input_dtype(precision)))
     run_dir = RunDir(config.checkpoint_dir)
     try:
         return train_in(run_dir, config, runtime, loaders, resumed)

@@ -68,6 +68,8 @@ class Config:
     weight_decay: float
     label_smoothing: float
     cutout: int
+    mixup: float
+    cutmix: float
     ema: float
     val_size: int
     seed: int
@@ -320,6 +322,8 @@ class TrainStep:
 
     def record(self, loss, logits, labels):
         first_bad = torch.where((self.sums[3] < 0) & ~loss.isfinite(), self.sums[2], self.sums[3])
+        if labels.dim() == 2:  # mixed targets (--mixup, --cutmix): a hit is the class with the larger share
+            labels = labels.argmax(1)
         self.sums[:3] += torch.stack([loss.float() * len(labels), (logits.argmax(1) == labels).sum().float(),
                                       torch.ones((), device=self.device)])
         self.sums[3] = first_bad

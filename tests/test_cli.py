@@ -16,6 +16,7 @@ from run_dir import load_checkpoint, read_metrics
     ["--depth", "4"], ["--dropout", "inf"], ["--workers", "0"], ["--precision", "fp16"], ["--seed", "x"],
     ["--resume", "--evaluate"], ["--nesterov", "--momentum", "0"], ["--cutout", "33"], ["--val-size", "-5"],
     ["--seed", "4294967296"], ["--depth", "12"], ["--widen-factor", "10000"], ["--ema", "1"],
+    ["--mixup", "-1"], ["--cutmix", "nan"],
 ])
 def test_bad_flags_exit_2_with_a_message(train_main, capsys, flags):
     with pytest.raises(SystemExit) as exited:
@@ -91,6 +92,16 @@ def test_two_epochs_equal_one_epoch_plus_resume(train_main, cifar_dir, tmp_path)
     assert_same_weights(straight["model"], resumed["model"])
     assert straight["optimizer"]["param_groups"][0]["lr"] == resumed["optimizer"]["param_groups"][0]["lr"]
     assert [row["test_top1"] for row in straight["history"]] == [row["test_top1"] for row in resumed["history"]]
+
+
+def test_a_mixup_and_cutmix_run_resumes_exactly(train_main, cifar_dir, tmp_path):
+    common = ("--epochs", "2", "--mixup", "0.4", "--cutmix", "1.0")
+    assert train_main(tiny_run_args(cifar_dir, tmp_path / "straight", *common)) == 0
+    split = tmp_path / "split"
+    assert train_main(tiny_run_args(cifar_dir, split, *common, "--target-accuracy", "0.01", "--patience", "1")) == 0
+    assert train_main(tiny_run_args(cifar_dir, split, "--resume", "--target-accuracy", "1.0")) == 0
+    straight, resumed = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(split / "last.pt")
+    assert_same_weights(straight["model"], resumed["model"])
 
 
 def test_an_ema_run_resumes_exactly_and_load_model_returns_the_average(train_main, cifar_dir, tmp_path):

@@ -257,9 +257,10 @@ def test_test_shards_cover_the_test_set_once(cifar_dir):
     assert sorted(torch.cat(shards).tolist()) == list(range(32))
 
 
-def test_resuming_mid_epoch_serves_the_remaining_batches(cifar_dir):
+@pytest.mark.parametrize("mixing", [{}, {"mixup": 0.5, "cutmix": 1.0}])
+def test_resuming_mid_epoch_serves_the_remaining_batches(cifar_dir, mixing):
     arrays = read_cifar100(cifar_dir, download=False)
-    loader = TrainLoader(arrays.train_images, arrays.train_labels, batch_size=16, seed=2)
+    loader = TrainLoader(arrays.train_images, arrays.train_labels, batch_size=16, seed=2, **mixing)
     full = list(loader.batches(epoch=3))
     rest = list(loader.batches(epoch=3, start_step=2))
     assert len(rest) == 2
@@ -329,3 +330,62 @@ def test_load_cifar100_holds_the_validation_images_out_of_training(cifar_dir):
     _, val_indices = split_validation(arrays.train_labels, 20)
     expected = normalize(arrays.train_images[val_indices].float() / 255)
     assert torch.allclose(torch.cat([images for images, _ in val]), expected)
+
+
+# ---- mixup and CutMix ----
+
+STEPS, BATCH = 8, 8
+
+
+def mixed_and_plain_epochs(**mixing):
+    """One epoch augmented with and without mixing, from the same draws: (mixed, plain, plan), batches (steps, B)."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (STEPS * BATCH, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    loader = TrainLoader(images, torch.randint(0, 100, (STEPS * BATCH,), generator=generator), BATCH, seed=3)
+    plan = plan_epoch(STEPS * BATCH, STEPS, 3, 0, "cpu", **mixing)
+    plain_plan = plan_epoch(STEPS * BATCH, STEPS, 3, 0, "cpu")  # mixing is drawn last: every other draw is the same
+    mixed, plain = loader.augment_epoch(plan), loader.augment_epoch(plain_plan)
+    shape = (STEPS, BATCH, 3, 32, 32)
+    return mixed.view(shape), plain.view(shape), plan, loader.epoch_targets(plan), loader.epoch_targets(plain_plan)
+
+
+def assert_targets_share_by_weight(targets, labels, weights):
+    assert torch.allclose(targets.sum(-1), torch.ones(STEPS, BATCH))
+    for step in range(STEPS):
+        for i in range(BATCH):
+            own, partner = labels[step, i], labels[step, BATCH - 1 - i]
+            if own != partner:
+                assert targets[step, i, own] == pytest.approx(weights[step].item())
+                assert targets[step, i, partner] == pytest.approx(1 - weights[step].item())
+                assert (targets[step, i] > 0).sum() == 2
+
+
+def test_mixup_blends_each_image_with_its_partner_and_the_targets_by_the_same_weight():
+    mixed, plain, plan, targets, labels = mixed_and_plain_epochs(mixup=1.0)
+    weights = plan.mixing.weights
+    assert (weights > 0).all() and (weights < 1).all() and weights.std() > 0.1  # Beta(1, 1): uniform
+    share = weights[:, None, None, None, None]
+    assert torch.allclose(mixed, share * plain + (1 - share) * plain.flip(1), atol=1e-5)
+    assert_targets_share_by_weight(targets, labels, weights)
+
+
+def test_cutmix_pastes_one_box_of_the_partner_and_weights_the_targets_by_its_area():
+    mixed, plain, plan, targets, labels = mixed_and_plain_epochs(cutmix=1.0)
+    for step in range(STEPS):
+        top, left, bottom, right = plan.mixing.boxes[step].tolist()
+        assert 0 <= top <= bottom <= 32 and 0 <= left <= right <= 32
+        inside = torch.zeros(32, 32, dtype=torch.bool)
+        inside[top:bottom, left:right] = True
+        assert torch.equal(mixed[step][..., inside], plain[step].flip(0)[..., inside])
+        assert torch.equal(mixed[step][..., ~inside], plain[step][..., ~inside])
+        assert plan.mixing.weights[step].item() == pytest.approx(1 - inside.sum().item() / 1024)
+    assert_targets_share_by_weight(targets, labels, plan.mixing.weights)
+
+
+def test_with_both_each_batch_is_either_mixup_or_cutmix():
+    plan = plan_epoch(4000, 400, 0, 0, "cpu", mixup=0.2, cutmix=1.0)
+    boxes, blend = plan.mixing.boxes, plan.mixing.blend
+    is_cutmix = boxes[:, 2] > boxes[:, 0]
+    assert 0.4 < is_cutmix.float().mean() < 0.6
+    assert (blend[is_cutmix] == 1).all() and (boxes[~is_cutmix] == 0).all()
+    assert torch.equal(plan.mixing.weights[~is_cutmix], blend[~is_cutmix])

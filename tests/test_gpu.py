@@ -67,8 +67,11 @@ def gpu_data(tmp_path):
 def test_a_short_real_run_on_the_gpu_writes_checkpoints_that_resume(gpu_data, tmp_path):
     from conftest import TINY_MODEL
     from run_dir import load_checkpoint
-    common = [*TINY_MODEL, "--data-dir", gpu_data, "--no-download", "--checkpoint-dir", tmp_path / "ckpt",
-              "--batch-size", 32, "--device", "cuda"]
+    settings = [*TINY_MODEL, "--data-dir", gpu_data, "--no-download", "--batch-size", 32, "--device", "cuda"]
+    common = [*settings, "--checkpoint-dir", tmp_path / "ckpt"]
+    mixed = run_train_on_gpu(*settings, "--checkpoint-dir", tmp_path / "mixed", "--epochs", 1, "--mixup", 0.2,
+                             "--cutmix", 1.0)  # soft targets through the bf16 graphed step
+    assert mixed.returncode == 0 and "CUDA graph step" in mixed.stdout, mixed.stderr
     first = run_train_on_gpu(*common, "--epochs", 3, "--target-accuracy", 0.01, "--patience", 1)
     assert first.returncode == 0, first.stderr
     assert "CUDA graph step" in first.stdout and "the CUDA graph capture) not counted" in first.stdout
