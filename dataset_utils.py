@@ -508,6 +508,7 @@ def load_cifar100(config):
         train_indices, val_indices = split_validation(labels, config.val_size)
         val = EvalLoader(images[val_indices].to(device), labels[val_indices].to(device), config.test_batch_size,
                          config.rank, config.world_size, config.dtype)
+        val.fingerprint = hashlib.sha256(val_indices.numpy().tobytes()).hexdigest()[:16]
         images, labels = images[train_indices], labels[train_indices]
     train = TrainLoader(images.to(device), labels.to(device), config.batch_size, config.seed, config.rank,
                         config.world_size, config.dtype, config.cutout_size, config.mixup, config.cutmix)

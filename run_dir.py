@@ -23,7 +23,7 @@ NUMBER = (int, float)
 CHECKPOINT_TYPES = {"format": str, "model_config": dict, "model": dict, "optimizer": dict, "scheduler": dict,
                     "epoch": int, "step": int, "best_top1": NUMBER, "early_stopping": dict, "history": list,
                     "args": dict, "rng": list}
-OPTIONAL_TYPES = {"ema": dict, "epoch_totals": dict}  # present, and None when unused
+OPTIONAL_TYPES = {"ema": dict, "epoch_totals": dict, "val_split": str}  # None (or absent) when unused
 METRICS_COLUMNS = ("epoch", "epoch_seconds", "train_seconds", "images", "train_loss", "train_top1", "val_loss",
                    "val_top1", "val_top5", "test_loss", "test_top1", "test_top5", "lr", "images_per_sec", "best")
 

@@ -669,6 +669,7 @@ def build_run(config, runtime, loaders, run_dir=None, resumed=None):
     early_stopping = EarlyStopping(config.target_accuracy, config.patience)
     state = RunState()
     if resumed is not None:
+        check_same_split(*resumed, val_loader)
         state = restore(*resumed, model, optimizer, scheduler, average, early_stopping, runtime,
                         train_loader.steps_per_epoch, config.seed)
     if run_dir is not None:
@@ -683,6 +684,18 @@ def build_run(config, runtime, loaders, run_dir=None, resumed=None):
         tensorboard = open_tensorboard(run_dir.tensorboard)
     return Run(config, runtime, precision, training_model, optimizer, scheduler, average, train_step, train_loader,
                val_loader, test_loader, run_dir, early_stopping, state, tensorboard)
+
+
+def split_fingerprint(val_loader):
+    return val_loader.fingerprint if val_loader is not None else None
+
+
+def check_same_split(checkpoint, path, val_loader):
+    """A resumed run must hold out the very images it held out before, or its validation history means nothing."""
+    saved, now = checkpoint.get("val_split"), split_fingerprint(val_loader)
+    if "val_split" in checkpoint and saved != now:
+        raise CheckpointError(f"{path} was trained with another validation split (fingerprint {saved}, now {now}): "
+                              f"the training images or the split's code have changed")
 
 
 def open_tensorboard(log_dir):
@@ -825,7 +838,7 @@ def checkpoint_of(run, rng_states):
         "scheduler": run.scheduler.state_dict(), "epoch": state.epoch, "step": state.step,
         "epoch_totals": state.epoch_totals, "best_top1": state.best_top1,
         "early_stopping": run.early_stopping.state_dict(), "history": list(state.history),
-        "args": asdict(run.config), "rng": rng_states,
+        "args": asdict(run.config), "rng": rng_states, "val_split": split_fingerprint(run.val_loader),
     })
 
 

@@ -353,3 +353,16 @@ def test_resume_keeps_the_checkpoints_recipe_but_this_commands_run_settings(trai
     settings = load_checkpoint(tmp_path / "ckpt" / "last.pt")["args"]
     assert settings["tta"] is True  # a recipe setting: the checkpoint's, since none was given
     assert settings["test_batch_size"] == 1000 and settings["epochs"] == 2  # this command's default, and flag
+
+
+def test_resume_refuses_a_changed_validation_split(train_main, cifar_dir, tmp_path, capsys):
+    folder = tmp_path / "ckpt"
+    assert train_main(tiny_run_args(cifar_dir, folder, "--epochs", "1", "--val-size", "20")) == 0
+    checkpoint = torch.load(folder / "last.pt", weights_only=True)
+    assert len(checkpoint["val_split"]) == 16
+    checkpoint["val_split"] = "0123456789abcdef"  # as if other images had been held out
+    torch.save(checkpoint, folder / "last.pt")
+    capsys.readouterr()
+    assert train_main(tiny_run_args(cifar_dir, folder, "--resume", "--epochs", "2")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another validation split" in err[0]
