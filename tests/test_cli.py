@@ -79,15 +79,20 @@ def test_a_resumed_run_with_a_validation_split_still_tests_best_pt_at_the_end(tr
     assert "for best.pt" in capsys.readouterr().out
 
 
-def test_two_epochs_equal_one_epoch_plus_resume(train_main, cifar_dir, tmp_path):
-    assert train_main(tiny_run_args(cifar_dir, tmp_path / "straight", "--epochs", "2")) == 0
+def straight_and_resumed(train_main, cifar_dir, tmp_path, *flags):
+    """The checkpoints of a 2-epoch run and of the same run stopped after epoch 1 and resumed."""
+    assert train_main(tiny_run_args(cifar_dir, tmp_path / "straight", "--epochs", "2", *flags)) == 0
     # Early stopping at a target any epoch reaches ends the first run after one epoch of the 2-epoch schedule.
     split = tmp_path / "split"
-    assert train_main(tiny_run_args(cifar_dir, split, "--epochs", "2", "--target-accuracy", "0.01",
+    assert train_main(tiny_run_args(cifar_dir, split, "--epochs", "2", *flags, "--target-accuracy", "0.01",
                                     "--patience", "1")) == 0
     assert load_checkpoint(split / "last.pt")["epoch"] == 1
     assert train_main(tiny_run_args(cifar_dir, split, "--resume", "--target-accuracy", "1.0")) == 0
-    straight, resumed = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(split / "last.pt")
+    return load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(split / "last.pt")
+
+
+def test_two_epochs_equal_one_epoch_plus_resume(train_main, cifar_dir, tmp_path):
+    straight, resumed = straight_and_resumed(train_main, cifar_dir, tmp_path)
     assert resumed["epoch"] == 2
     assert_same_weights(straight["model"], resumed["model"])
     assert straight["optimizer"]["param_groups"][0]["lr"] == resumed["optimizer"]["param_groups"][0]["lr"]
@@ -95,23 +100,13 @@ def test_two_epochs_equal_one_epoch_plus_resume(train_main, cifar_dir, tmp_path)
 
 
 def test_a_mixup_and_cutmix_run_resumes_exactly(train_main, cifar_dir, tmp_path):
-    common = ("--epochs", "2", "--mixup", "0.4", "--cutmix", "1.0")
-    assert train_main(tiny_run_args(cifar_dir, tmp_path / "straight", *common)) == 0
-    split = tmp_path / "split"
-    assert train_main(tiny_run_args(cifar_dir, split, *common, "--target-accuracy", "0.01", "--patience", "1")) == 0
-    assert train_main(tiny_run_args(cifar_dir, split, "--resume", "--target-accuracy", "1.0")) == 0
-    straight, resumed = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(split / "last.pt")
+    straight, resumed = straight_and_resumed(train_main, cifar_dir, tmp_path, "--mixup", "0.4", "--cutmix", "1.0")
     assert_same_weights(straight["model"], resumed["model"])
 
 
 def test_an_ema_run_resumes_exactly_and_load_model_returns_the_average(train_main, cifar_dir, tmp_path):
     from train_utils import load_model
-    common = ("--epochs", "2", "--ema", "0.8")
-    assert train_main(tiny_run_args(cifar_dir, tmp_path / "straight", *common)) == 0
-    split = tmp_path / "split"
-    assert train_main(tiny_run_args(cifar_dir, split, *common, "--target-accuracy", "0.01", "--patience", "1")) == 0
-    assert train_main(tiny_run_args(cifar_dir, split, "--resume", "--target-accuracy", "1.0")) == 0
-    straight, resumed = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(split / "last.pt")
+    straight, resumed = straight_and_resumed(train_main, cifar_dir, tmp_path, "--ema", "0.8")
     assert_same_weights(straight["ema"], resumed["ema"])
     assert_same_weights(straight["model"], resumed["model"])
     assert not torch.equal(straight["ema"]["fc.weight"], straight["model"]["fc.weight"])
