@@ -81,7 +81,12 @@ def build_parser():
                        help="global batch size, split over the processes of a torchrun run")
     optim.add_argument("--epochs", type=POSITIVE_INT, default=100, help="length of the OneCycle schedule")
     optim.add_argument("--lr", "--base-lr", type=POSITIVE_FLOAT, default=0.1, help="OneCycle peak lr")
-    optim.add_argument("--momentum", type=FRACTION, default=0.9, help="SGD momentum, fixed through the schedule")
+    optim.add_argument("--momentum", type=FRACTION, default=0.9,
+                       help="SGD momentum: held through the schedule, or the high end with --min-momentum")
+    optim.add_argument("--min-momentum", type=FRACTION, default=None, metavar="M",
+                       help="cycle the momentum against the lr: from --momentum down to M at the lr's peak and back "
+                            "(the step then runs eagerly on CUDA: a CUDA graph keeps the momentum it was captured "
+                            "with; None: held at --momentum)")
     optim.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
     optim.add_argument("--wd", "--weight-decay", dest="weight_decay", type=NON_NEGATIVE_FLOAT, default=5e-4,
                        help="weight decay")
@@ -144,6 +149,8 @@ def parse_args(argv=None):
     explicit = vars(explicit_parser.parse_args(argv))
     if args.resume is not None and args.evaluate is not None:
         parser.error("--resume and --evaluate exclude each other")
+    if args.min_momentum is not None and args.min_momentum > args.momentum:
+        parser.error(f"--min-momentum {args.min_momentum} is above --momentum {args.momentum}")
     if args.nesterov and args.momentum == 0:
         parser.error("--nesterov needs a momentum above 0")
     if (args.depth - 4) % 6:

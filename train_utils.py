@@ -64,6 +64,7 @@ class Config:
     batch_size: int
     lr: float
     momentum: float
+    min_momentum: float | None
     nesterov: bool
     weight_decay: float
     label_smoothing: float
@@ -176,10 +177,15 @@ def make_optimizer(model, lr, momentum=0.9, weight_decay=5e-4, nesterov=False):
                            nesterov=nesterov, fused=fused or None)
 
 
-def make_scheduler(optimizer, max_lr, total_steps):
-    """OneCycle on the lr only: momentum stays what --momentum says (cycling it would override the flag)."""
+def make_scheduler(optimizer, max_lr, total_steps, momentum_bounds=None):
+    """OneCycle on the lr. Momentum stays what the optimizer has, or with `momentum_bounds` (low, high) it
+    cycles against the lr: high at the start and the end, low at the lr's peak."""
+    if momentum_bounds is None:
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps,
+                                                   cycle_momentum=False)
+    low, high = momentum_bounds
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps,
-                                               cycle_momentum=False)
+                                               base_momentum=low, max_momentum=high)
 
 
 def load_scheduler_state(scheduler, state):
@@ -664,7 +670,8 @@ def build_run(config, runtime, loaders, run_dir=None, resumed=None):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(runtime.device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, config.lr, config.momentum, config.weight_decay, config.nesterov)
-    scheduler = make_scheduler(optimizer, config.lr, config.epochs * train_loader.steps_per_epoch)
+    momentum_bounds = None if config.min_momentum is None else (config.min_momentum, config.momentum)
+    scheduler = make_scheduler(optimizer, config.lr, config.epochs * train_loader.steps_per_epoch, momentum_bounds)
     average = WeightAverage(model, config.ema) if config.ema else None
     early_stopping = EarlyStopping(config.target_accuracy, config.patience)
     state = RunState()
@@ -677,8 +684,9 @@ def build_run(config, runtime, loaders, run_dir=None, resumed=None):
     training_model = distribute_model(model, runtime)
     if config.compile:
         training_model = torch.compile(training_model)
+    cuda_graphs = not config.no_cuda_graphs and momentum_bounds is None  # a captured step keeps its momentum
     train_step = make_train_step(training_model, optimizer, make_criterion(config.label_smoothing), runtime,
-                                 precision, not config.no_cuda_graphs, average)
+                                 precision, cuda_graphs, average)
     tensorboard = None
     if config.tensorboard and run_dir is not None and runtime.is_main:
         tensorboard = open_tensorboard(run_dir.tensorboard)

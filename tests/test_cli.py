@@ -16,7 +16,7 @@ from run_dir import load_checkpoint, read_metrics
     ["--depth", "4"], ["--dropout", "inf"], ["--workers", "0"], ["--precision", "fp16"], ["--seed", "x"],
     ["--resume", "--evaluate"], ["--nesterov", "--momentum", "0"], ["--cutout", "33"], ["--val-size", "-5"],
     ["--seed", "4294967296"], ["--depth", "12"], ["--widen-factor", "10000"], ["--ema", "1"],
-    ["--mixup", "-1"], ["--cutmix", "nan"],
+    ["--mixup", "-1"], ["--cutmix", "nan"], ["--min-momentum", "0.95"],
 ])
 def test_bad_flags_exit_2_with_a_message(train_main, capsys, flags):
     with pytest.raises(SystemExit) as exited:

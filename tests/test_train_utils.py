@@ -163,6 +163,20 @@ def test_momentum_stays_what_the_flag_says_through_the_one_cycle(cifar_dir):
     assert lrs[0] > lrs[1]  # the lr did cycle
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of")  # the schedule alone, no training
+def test_with_min_momentum_the_momentum_cycles_against_the_lr_between_the_bounds(cifar_dir):
+    run = tiny_run(cifar_dir, "--momentum", 0.9, "--min-momentum", 0.8, "--epochs", 25)
+    momenta, lrs = [], []
+    for _ in range(25 * run.train_loader.steps_per_epoch):
+        momenta.append(run.optimizer.param_groups[0]["momentum"])
+        lrs.append(run.optimizer.param_groups[0]["lr"])
+        run.scheduler.step()
+    peak = lrs.index(max(lrs))
+    assert momenta[0] == pytest.approx(0.9) and momenta[peak] == pytest.approx(0.8)
+    assert all(0.8 - 1e-9 <= momentum <= 0.9 + 1e-9 for momentum in momenta)
+    assert momenta[-1] > momenta[peak]
+
+
 def test_cuda_graphs_only_for_one_cuda_process_and_only_when_wanted():
     cuda = torch.device("cuda")
     assert uses_cuda_graphs(Runtime(cuda))
