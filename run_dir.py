@@ -210,20 +210,22 @@ class RunDir:
             return
         last = load_checkpoint(self.last)
         best_epochs = [row["epoch"] for row in last["history"] if row.get("best")]
-        if best_epochs and best_epochs[-1] == last["epoch"] and last["step"] == 0 and not self.best_is(last["epoch"]):
-            # last.pt was written as the best epoch, and the kill came before the same bytes reached best.pt.
-            atomic_write(self.best, self.last.read_bytes())
-            print(f"note: {self.best} brought up to epoch {last['epoch']} from {self.last}", file=sys.stderr)
-        elif best_epochs and not self.best_is(best_epochs[-1]):
-            print(f"note: {self.best} does not hold epoch {best_epochs[-1]}, the best one {self.last} records, "
-                  f"and cannot be rebuilt from it", file=sys.stderr)
+        if best_epochs and self.epoch_in_best() != best_epochs[-1]:
+            if best_epochs[-1] == last["epoch"] and last["step"] == 0:
+                # last.pt was written as the best epoch, and the kill came before the same bytes reached best.pt.
+                atomic_write(self.best, self.last.read_bytes())
+                print(f"note: {self.best} brought up to epoch {last['epoch']} from {self.last}", file=sys.stderr)
+            else:
+                print(f"note: {self.best} does not hold epoch {best_epochs[-1]}, the best one {self.last} records, "
+                      f"and cannot be rebuilt from it", file=sys.stderr)
         atomic_write(self.metrics, metrics_text(last["history"]).encode())
 
-    def best_is(self, epoch):
+    def epoch_in_best(self):
+        """The epoch best.pt holds; None if it is missing or unreadable."""
         try:
-            return load_checkpoint(self.best)["epoch"] == epoch
+            return load_checkpoint(self.best)["epoch"]
         except CheckpointError:
-            return False
+            return None
 
     def save(self, checkpoint, is_best):
         """Write `checkpoint` (host tensors that training no longer changes) in the background."""
