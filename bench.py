@@ -8,8 +8,9 @@ Each configuration builds the model, the TrainLoader and the training step exact
 does (on CUDA the step is replayed as a CUDA graph unless --no-cuda-graphs), on random uint8
 data held on the device (never zeros, which can run faster than real data). It prints the
 set-up time, the first epoch (cudnn tuning and graph capture included) and the capture alone,
-then min / median / max over --repeats of the steady epoch, the bare step on one fixed batch
-(the ceiling), augmentation alone and the test pass. A row whose spread exceeds 10 % of its
+then min / median / max over --repeats of the steady epoch (consecutive epochs, so on CUDA each
+one's augmentation runs beside the one before, as in train.py), the bare step on one fixed batch
+(the ceiling), augmentation of an epoch alone and the test pass. A row whose spread exceeds 10 % of its
 median is flagged: the machine was busy, so compare it with care.
 """
 import argparse
@@ -63,8 +64,9 @@ def bench_one(name, batch_size, precision, args, device):
     synchronize(device)
     setup_seconds = time.perf_counter() - started
 
-    def epoch():
+    def epoch():  # consecutive epochs, as train.py runs them: on CUDA each one's augmentation overlaps the last
         train_one_epoch(run, show_progress=False)
+        run.state.epoch += 1
 
     fixed_images, fixed_labels = next(loader.batches(1))
     fixed_images = fixed_images.clone()

@@ -212,25 +212,21 @@ def blend(images, other, factors):
     return (factors * images + (1 - factors) * other).clamp(0, 1)
 
 
-def adjust_brightness(images, factors):
-    return blend(images, torch.zeros_like(images), factors)
+# The jitter ops, by their index in a plan's jitter orders and factors.
+BRIGHTNESS, CONTRAST, SATURATION = range(3)
 
 
-def adjust_contrast(images, factors):
-    return blend(images, grayscale(images).mean((1, 2, 3), keepdim=True), factors)
-
-
-def adjust_saturation(images, factors):
-    return blend(images, grayscale(images), factors)
-
-
-JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation)
-
-
-def color_jitter(images, factors, order):
-    """Apply brightness, contrast and saturation with per-image factors (B, 3), in the given op order."""
-    for op_index in order.tolist():
-        images = JITTER_OPS[op_index](images, factors[:, op_index])
+def color_jitter(images, factors, orders):
+    """Brightness, contrast and saturation with per-image factors (B, 3), in per-image op orders (B, 3), or one
+    order (3,) for all. Each op blends an image towards black, its mean grey or its grey; at each of the three
+    positions every image is blended towards what its own op there needs, so no image waits for a group."""
+    orders = orders.expand(len(images), 3)
+    for position in range(3):
+        op = orders[:, position, None]
+        gray = grayscale(images)
+        towards = torch.where(op[:, :, None, None] == SATURATION, gray, gray.mean((1, 2, 3), keepdim=True))
+        towards = torch.where(op[:, :, None, None] == BRIGHTNESS, 0.0, towards)
+        images = blend(images, towards, factors.gather(1, op).squeeze(1))
     return images
 
 
@@ -294,11 +290,12 @@ def plan_epoch(num_images, steps, seed, epoch, device, mixup=0.0, cutmix=0.0):
     mixing = plan_mixing(steps, mixup, cutmix, generator) if mixup or cutmix else None  # last: older draws keep
 
     def to_device(tensor):
+        if torch.device(device).type == "cuda":  # from pageable memory a copy would wait for the stream's work
+            tensor = tensor.pin_memory()
         return tensor.to(device, non_blocking=True)
 
-    # jitter_order stays on the CPU: it picks which ops run, and reading it from a GPU would sync every batch.
-    return AugmentationPlan(to_device(order), to_device(crop_offsets), to_device(flip), to_device(degrees),
-                            to_device(jitter_factors), jitter_order, to_device(cutout_centres),
+    return AugmentationPlan(*map(to_device, (order, crop_offsets, flip, degrees, jitter_factors, jitter_order,
+                                             cutout_centres)),
                             mixing and MixPlan(*map(to_device, (mixing.weights, mixing.boxes, mixing.blend))))
 
 
@@ -350,24 +347,20 @@ def augment(images, plan, positions, jitter_order, cutout_size=0):
     images = random_crop(images, plan.crop_offsets[positions])
     images = horizontal_flip(images, plan.flip[positions])
     images = rotate(images, plan.degrees[positions])
-    images = jitter_in_orders(images, plan.jitter_factors[positions], jitter_order)
+    images = color_jitter(images, plan.jitter_factors[positions], jitter_order)
     if cutout_size:
         images = cutout(images, plan.cutout_centres[positions], cutout_size)
     return normalize(images)
 
 
-def jitter_in_orders(images, factors, orders):
-    """Colour jitter with per-image op orders, one call per distinct order (at most 6) instead of per batch."""
-    if orders.dim() == 1:
-        return color_jitter(images, factors, orders)
-    distinct, which = orders.unique(dim=0, return_inverse=True)
-    if len(distinct) == 1:
-        return color_jitter(images, factors, distinct[0])
-    out = torch.empty_like(images)
-    for index, order in enumerate(distinct):
-        members = (which == index).nonzero().squeeze(1).to(images.device, non_blocking=True)
-        out[members] = color_jitter(images[members], factors[members], order)
-    return out
+@dataclass
+class PreparedEpoch:
+    """An epoch augmented ahead by `TrainLoader.prepare`; on CUDA, `done` marks the end of its work on a side stream."""
+
+    epoch: int
+    images: torch.Tensor
+    targets: torch.Tensor
+    done: object = None
 
 
 class TrainLoader:
@@ -375,7 +368,9 @@ class TrainLoader:
 
     Each epoch is augmented up front, in chunks of about AUGMENT_CHUNK_IMAGES, into one
     buffer of normalised images (in `dtype`), and batches are slices of it: a few large
-    kernels instead of about sixty small ones per batch. `batch_size` is the global batch:
+    kernels instead of about sixty small ones per batch. On CUDA the training loop also asks
+    for the next epoch while this one trains (`prepare`): it is augmented on a side stream,
+    beside the training steps, into a second buffer. `batch_size` is the global batch:
     under torchrun each of the `world_size` ranks takes its own disjoint slice of every
     batch, so N ranks train on exactly the images and augmentations one process would. The
     last incomplete batch is dropped to keep shapes static.
@@ -394,11 +389,20 @@ class TrainLoader:
         self.mixup, self.cutmix = mixup, cutmix
         self.steps_per_epoch = len(images) // batch_size
         self.images_per_rank_step = batch_size // world_size
+        # Elsewhere than on CUDA nothing runs beside the training, and a second epoch would only take memory.
+        self.prepares_ahead = images.device.type == "cuda"
+        self.prepared = self.side_stream = None
 
-    def positions(self, step):
-        """Positions in the epoch's order that this rank trains on at `step`."""
-        start = step * self.batch_size + self.rank * self.images_per_rank_step
-        return torch.arange(start, start + self.images_per_rank_step, device=self.images.device)
+    def positions(self, steps):
+        """Positions in the epoch's order that this rank trains on at each of `steps` (a range): (steps, batch)."""
+        device = self.images.device
+        starts = torch.arange(steps.start, steps.stop, device=device) * self.batch_size
+        return starts[:, None] + self.rank * self.images_per_rank_step + torch.arange(self.images_per_rank_step,
+                                                                                     device=device)
+
+    def plan(self, epoch):
+        return plan_epoch(len(self.images), self.steps_per_epoch, self.seed, epoch, self.images.device, self.mixup,
+                          self.cutmix)
 
     def augment_epoch(self, plan, start_step=0):
         """This rank's images of steps start_step.. of the epoch, augmented: (steps * rank batch, 3, 32, 32)."""
@@ -409,7 +413,7 @@ class TrainLoader:
         chunk_steps = max(1, AUGMENT_CHUNK_IMAGES // per_rank)
         for first in range(0, len(steps), chunk_steps):
             chunk = steps[first:first + chunk_steps]
-            positions = torch.cat([self.positions(step) for step in chunk])
+            positions = self.positions(chunk).flatten()
             orders = plan.jitter_order[chunk.start:chunk.stop].repeat_interleave(per_rank, dim=0)
             images = augment(self.images[plan.order[positions]], plan, positions, orders, self.cutout_size)
             if plan.mixing is not None:
@@ -420,20 +424,45 @@ class TrainLoader:
 
     def epoch_targets(self, plan, start_step=0):
         """The labels of this rank's batches (steps, B); with mixing, their mixed targets (steps, B, classes)."""
-        positions = torch.stack([self.positions(step) for step in range(start_step, self.steps_per_epoch)])
-        labels = self.labels[plan.order[positions]]
+        labels = self.labels[plan.order[self.positions(range(start_step, self.steps_per_epoch))]]
         if plan.mixing is None:
             return labels
         return mix_targets(labels, plan.mixing.weights[start_step:])
 
+    def prepare(self, epoch):
+        """Start augmenting `epoch` now, for its `batches` to take. On CUDA the work goes to a side stream, so
+        it runs beside the training steps already queued instead of after them."""
+        if self.images.device.type == "cuda" and self.side_stream is None:
+            # One stream for every epoch: the allocator reuses memory only on the stream that freed it.
+            self.side_stream = torch.cuda.Stream(self.images.device)
+        side = self.side_stream
+        with torch.cuda.stream(side) if side else contextlib.nullcontext():
+            plan = self.plan(epoch)
+            self.prepared = PreparedEpoch(epoch, self.augment_epoch(plan), self.epoch_targets(plan),
+                                          side and side.record_event())
+
+    def take_prepared(self, epoch):
+        """The prepared epoch if it is `epoch`, ready for the current stream to read; else None."""
+        prepared, self.prepared = self.prepared, None
+        if prepared is None or prepared.epoch != epoch:
+            return None
+        if prepared.done is not None:
+            stream = torch.cuda.current_stream(self.images.device)
+            stream.wait_event(prepared.done)
+            for tensor in (prepared.images, prepared.targets):
+                tensor.record_stream(stream)  # made on the side stream: not to be reused while this one reads
+        return prepared
+
     def batches(self, epoch, start_step=0):
-        plan = plan_epoch(len(self.images), self.steps_per_epoch, self.seed, epoch, self.images.device, self.mixup,
-                          self.cutmix)
-        buffer = self.augment_epoch(plan, start_step)
-        targets = self.epoch_targets(plan, start_step)
         per_rank = self.images_per_rank_step
+        prepared = self.take_prepared(epoch)
+        if prepared is None:
+            plan = self.plan(epoch)
+            images, targets = self.augment_epoch(plan, start_step), self.epoch_targets(plan, start_step)
+        else:
+            images, targets = prepared.images[start_step * per_rank:], prepared.targets[start_step:]
         for index in range(len(targets)):
-            yield buffer[index * per_rank:(index + 1) * per_rank], targets[index]
+            yield images[index * per_rank:(index + 1) * per_rank], targets[index]
 
 
 class EvalLoader:

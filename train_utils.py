@@ -424,6 +424,7 @@ def train_one_epoch(run, show_progress=None):
     started, setup_at_start = time.perf_counter(), train_step.setup_seconds
     images_done = 0
     stopped_at_step = None
+    next_epoch_wanted = loader.prepares_ahead and epoch + 1 < run.config.epochs
     for step, (images, labels) in enumerate(loader.batches(epoch, start_step), start_step):
         step_started = time.perf_counter()
         train_step(images, labels)
@@ -439,6 +440,9 @@ def train_one_epoch(run, show_progress=None):
         bar.update(1)
         interrupted_here = interrupt.requested and not runtime.distributed
         if (step + 1) % sync_every == 0 or last_step or interrupted_here:
+            if next_epoch_wanted:  # now, with steps queued to keep the GPU busy, and after the graph capture
+                loader.prepare(epoch + 1)
+                next_epoch_wanted = False
             loss_sum, _, steps_done, first_bad_step = check_in(train_step.sums, runtime)
             if first_bad_step >= 0:
                 raise NonFiniteLossError(f"the training loss became NaN or infinite at epoch {epoch + 1}, "

@@ -7,6 +7,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dataset_utils import TrainLoader  # noqa: E402
 from device_utils import Runtime  # noqa: E402
 from model import build_model  # noqa: E402
 from train_utils import WeightAverage, make_criterion, make_optimizer, make_scheduler, make_train_step  # noqa: E402
@@ -73,6 +74,24 @@ def check_a_refused_capture_falls_back_to_eager():
     train_on(batches, step, optimizer)
     assert step.graph is None and step.failed
     assert step.sums[2].item() == len(batches) and torch.isfinite(step.sums[0])
+
+
+def check_an_epoch_prepared_on_a_side_stream_matches_one_made_on_demand():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (8192, 3, 32, 32), dtype=torch.uint8, generator=generator).cuda()
+    labels = torch.randint(0, 100, (8192,), generator=generator).cuda()
+
+    def loader():
+        return TrainLoader(images, labels, 256, seed=1, dtype=torch.bfloat16, cutout_size=8, mixup=0.2, cutmix=1.0)
+
+    expected = [(batch.clone(), targets.clone()) for batch, targets in loader().batches(1)]
+    ahead = loader()
+    assert ahead.prepares_ahead
+    ahead.prepare(1)
+    read_at_once = [(batch.clone(), targets.clone()) for batch, targets in ahead.batches(1)]  # must wait for it
+    assert len(read_at_once) == len(expected)
+    for (batch, targets), (expected_batch, expected_targets) in zip(read_at_once, expected):
+        assert torch.equal(batch, expected_batch) and torch.equal(targets, expected_targets)
 
 
 if __name__ == "__main__":

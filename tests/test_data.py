@@ -6,10 +6,9 @@ import pytest
 import torch
 
 import dataset_utils
-from dataset_utils import (ARCHIVE_NAME, CIFAR100_MEAN, CIFAR100_STD, DataError, EvalLoader, TrainLoader,
-                           adjust_brightness, adjust_contrast, adjust_saturation, color_jitter, horizontal_flip,
-                           DataConfig, augment, cutout, load_cifar100, normalize, plan_epoch, random_crop, read_cifar100, rotate,
-                           split_validation)
+from dataset_utils import (ARCHIVE_NAME, CIFAR100_MEAN, CIFAR100_STD, DataConfig, DataError, EvalLoader,
+                           TrainLoader, augment, color_jitter, cutout, grayscale, horizontal_flip, load_cifar100,
+                           normalize, plan_epoch, random_crop, read_cifar100, rotate, split_validation)
 
 
 def random_batch(size=8, seed=0):
@@ -169,21 +168,38 @@ def test_rotation_keeps_pixel_values_and_fills_corners_with_zero():
     assert torch.isin(inside, images).all()  # nearest neighbour: no new values
 
 
-def test_jitter_ops_match_their_definitions():
+def jitter_one_op(images, op, factor):
+    """color_jitter with every factor 1 (no change) but `op`'s, in one of the six orders."""
+    factors = torch.ones(len(images), 3)
+    factors[:, op] = factor
+    return color_jitter(images, factors, torch.tensor([2, 0, 1]))
+
+
+def test_each_jitter_op_blends_towards_black_mean_grey_or_grey():
     images = random_batch(4)
     factors = torch.tensor([0.8, 1.0, 1.2, 1.1])
-    assert torch.allclose(adjust_brightness(images, factors), (images * factors[:, None, None, None]).clamp(0, 1))
-    assert torch.equal(adjust_contrast(images, torch.ones(4)), images)
-    gray = adjust_saturation(images, torch.zeros(4))
-    assert torch.allclose(gray[:, 0], gray[:, 1]) and torch.allclose(gray[:, 1], gray[:, 2])
-    flat = adjust_contrast(images, torch.zeros(4))
-    assert torch.allclose(flat, flat.mean((1, 2, 3), keepdim=True).expand_as(flat))
+    brighter = jitter_one_op(images, 0, factors)
+    assert torch.allclose(brighter, (images * factors[:, None, None, None]).clamp(0, 1))
+    flat = jitter_one_op(images, 1, torch.zeros(4))
+    assert torch.allclose(flat, grayscale(images).mean((1, 2, 3), keepdim=True).expand_as(flat))
+    gray = jitter_one_op(images, 2, torch.zeros(4))
+    assert torch.allclose(gray, grayscale(images).expand_as(gray))
 
 
 def test_jitter_with_unit_factors_is_identity_in_any_order():
     images = random_batch(4)
     for order in ([0, 1, 2], [2, 0, 1]):
         assert torch.allclose(color_jitter(images, torch.ones(4, 3), torch.tensor(order)), images)
+
+
+def test_jitter_applies_each_images_own_order():
+    images, factors = random_batch(6), 0.8 + 0.4 * torch.rand(6, 3, generator=torch.Generator().manual_seed(1))
+    orders = torch.tensor([[0, 1, 2], [2, 1, 0], [1, 0, 2], [0, 2, 1], [2, 0, 1], [1, 2, 0]])
+    together = color_jitter(images, factors, orders)
+    for i in range(6):
+        alone = color_jitter(images[i:i + 1], factors[i:i + 1], orders[i])
+        assert torch.allclose(together[i:i + 1], alone, atol=1e-6), orders[i]
+    assert not torch.allclose(together, color_jitter(images, factors, orders[0]))  # the order matters
 
 
 def test_normalize_uses_cifar100_mean_and_std():
@@ -268,6 +284,30 @@ def test_resuming_mid_epoch_serves_the_remaining_batches(cifar_dir, mixing):
         assert torch.equal(a, b) and torch.equal(y, z)
 
 
+def test_a_prepared_epoch_is_served_as_it_would_be_augmented_on_demand(cifar_dir, monkeypatch):
+    arrays = read_cifar100(cifar_dir, download=False)
+
+    def loader():
+        return TrainLoader(arrays.train_images, arrays.train_labels, batch_size=16, seed=2, mixup=0.5, cutmix=1.0)
+
+    expected = list(loader().batches(epoch=2))
+
+    def served(prepared_epoch, start_step):
+        """The batches of epoch 2 from start_step, after preparing `prepared_epoch`, and how many were augmented."""
+        ahead, augmented = loader(), []
+        ahead.prepare(prepared_epoch)
+        augment_epoch = ahead.augment_epoch
+        monkeypatch.setattr(ahead, "augment_epoch", lambda *args: augmented.append(args) or augment_epoch(*args))
+        return list(ahead.batches(epoch=2, start_step=start_step)), len(augmented), ahead.prepared
+
+    for prepared_epoch, start_step, augmented_anew in ((2, 0, 0), (2, 3, 0), (3, 0, 1)):
+        batches, augmented, left = served(prepared_epoch, start_step)
+        assert augmented == augmented_anew and left is None  # another epoch's preparation is dropped, not kept
+        assert len(batches) == len(expected) - start_step
+        for (images, targets), (expected_images, expected_targets) in zip(batches, expected[start_step:]):
+            assert torch.equal(images, expected_images) and torch.equal(targets, expected_targets)
+
+
 def test_batch_larger_than_the_data_is_refused(cifar_dir):
     with pytest.raises(DataError, match="larger than the 64 training images"):
         load_cifar100(DataConfig(128, cifar_dir, download=False))
@@ -290,7 +330,7 @@ def test_an_epoch_augmented_at_once_equals_batch_by_batch_augmentation(monkeypat
     loader = TrainLoader(images, torch.arange(96), batch_size=8, seed=4, cutout_size=8)
     plan = plan_epoch(96, loader.steps_per_epoch, 4, 2, "cpu")
     for step, (batch, labels) in enumerate(loader.batches(epoch=2)):
-        positions = loader.positions(step)
+        positions = loader.positions(range(step, step + 1))[0]
         expected = augment(images[plan.order[positions]], plan, positions, plan.jitter_order[step], cutout_size=8)
         assert torch.equal(batch, expected.contiguous(memory_format=torch.channels_last)), step
         assert torch.equal(labels, plan.order[positions])

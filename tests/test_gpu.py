@@ -52,6 +52,10 @@ def test_graph_replays_match_eager_steps():
     run_check("check_graph_replays_match_eager_steps")
 
 
+def test_an_epoch_prepared_on_a_side_stream_matches_one_made_on_demand():
+    run_check("check_an_epoch_prepared_on_a_side_stream_matches_one_made_on_demand")
+
+
 def test_a_refused_capture_falls_back_to_eager_with_one_note():
     result = run_check("check_a_refused_capture_falls_back_to_eager")
     notes = [line for line in result.stderr.splitlines() if "CUDA graph capture failed" in line]

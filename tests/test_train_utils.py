@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_utils
-from conftest import tiny_run_args
+from conftest import assert_same_weights, tiny_run_args
 from dataset_utils import DataConfig, load_cifar100
 from device_utils import Runtime
 from run_dir import CheckpointError, atomic_write, load_checkpoint
@@ -44,6 +44,22 @@ def test_train_one_epoch_counts_every_image_it_trains_on(cifar_dir):
     totals, stopped = train_one_epoch(tiny_run(cifar_dir), show_progress=False)
     assert stopped is None and totals.images == 64 and totals.seconds > 0
     assert 0 <= totals.correct.item() <= 64 and torch.isfinite(totals.loss_sum)
+
+
+def test_preparing_each_next_epoch_ahead_trains_exactly_as_on_demand(cifar_dir, monkeypatch):
+    weights, prepared = {}, {}
+    for ahead in (False, True):
+        run = tiny_run(cifar_dir)  # 3 epochs
+        loader, prepared[ahead] = run.train_loader, []
+        loader.prepares_ahead = ahead  # as on CUDA, where it runs on a side stream
+        monkeypatch.setattr(loader, "prepare", lambda epoch, prepare=loader.prepare, log=prepared[ahead]: (
+            log.append(epoch), prepare(epoch)))
+        for epoch in range(3):
+            run.state.epoch = epoch
+            train_one_epoch(run, show_progress=False)
+        weights[ahead] = run.model.state_dict()
+    assert prepared == {False: [], True: [1, 2]}  # each next epoch, and none after the last
+    assert_same_weights(weights[False], weights[True])
 
 
 def test_a_nan_loss_names_the_epoch_and_step(cifar_dir, monkeypatch):
