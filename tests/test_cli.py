@@ -132,6 +132,16 @@ def test_evaluate_reports_the_accuracy_stored_in_best_pt(train_main, cifar_dir, 
     assert f"top-1 {100 * stored:.2f}%" in out and f"stored best top-1 {100 * stored:.2f}%" in out
 
 
+def test_a_compiled_run_trains_and_resumes_uncompiled(cifar_dir, tmp_path):
+    compiled = run_train(*tiny_run_args(cifar_dir, tmp_path / "ckpt", "--epochs", 1, "--compile"), timeout=600)
+    assert compiled.returncode == 0, compiled.stderr
+    assert "compiled" in compiled.stdout and "epoch   1/1" in compiled.stdout
+    assert not any(key.startswith("_orig_mod") for key in load_weights(tmp_path / "ckpt" / "last.pt"))
+    resumed = run_train(*tiny_run_args(cifar_dir, tmp_path / "ckpt", "--resume", "--epochs", 2))
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_checkpoint(tmp_path / "ckpt" / "last.pt")["epoch"] == 2
+
+
 def test_resume_with_no_checkpoint_is_an_error_not_a_fresh_start(train_main, cifar_dir, tmp_path, capsys):
     assert train_main(tiny_run_args(cifar_dir, tmp_path / "ckpt", "--resume")) == 1
     assert "error: no checkpoint at" in capsys.readouterr().err
