@@ -396,13 +396,15 @@ class TrainLoader:
     def positions(self, steps):
         """Positions in the epoch's order that this rank trains on at each of `steps` (a range): (steps, batch)."""
         device = self.images.device
-        starts = torch.arange(steps.start, steps.stop, device=device) * self.batch_size
-        return starts[:, None] + self.rank * self.images_per_rank_step + torch.arange(self.images_per_rank_step,
-                                                                                     device=device)
+        firsts = torch.arange(steps.start, steps.stop, device=device) * self.batch_size
+        firsts += self.rank * self.images_per_rank_step
+        return firsts[:, None] + torch.arange(self.images_per_rank_step, device=device)
 
-    def plan(self, epoch):
-        return plan_epoch(len(self.images), self.steps_per_epoch, self.seed, epoch, self.images.device, self.mixup,
+    def augmented(self, epoch, start_step=0):
+        """This rank's augmented images and targets of steps start_step.. of `epoch`."""
+        plan = plan_epoch(len(self.images), self.steps_per_epoch, self.seed, epoch, self.images.device, self.mixup,
                           self.cutmix)
+        return self.augment_epoch(plan, start_step), self.epoch_targets(plan, start_step)
 
     def augment_epoch(self, plan, start_step=0):
         """This rank's images of steps start_step.. of the epoch, augmented: (steps * rank batch, 3, 32, 32)."""
@@ -437,9 +439,7 @@ class TrainLoader:
             self.side_stream = torch.cuda.Stream(self.images.device)
         side = self.side_stream
         with torch.cuda.stream(side) if side else contextlib.nullcontext():
-            plan = self.plan(epoch)
-            self.prepared = PreparedEpoch(epoch, self.augment_epoch(plan), self.epoch_targets(plan),
-                                          side and side.record_event())
+            self.prepared = PreparedEpoch(epoch, *self.augmented(epoch), side and side.record_event())
 
     def take_prepared(self, epoch):
         """The prepared epoch if it is `epoch`, ready for the current stream to read; else None."""
@@ -457,8 +457,7 @@ class TrainLoader:
         per_rank = self.images_per_rank_step
         prepared = self.take_prepared(epoch)
         if prepared is None:
-            plan = self.plan(epoch)
-            images, targets = self.augment_epoch(plan, start_step), self.epoch_targets(plan, start_step)
+            images, targets = self.augmented(epoch, start_step)
         else:
             images, targets = prepared.images[start_step * per_rank:], prepared.targets[start_step:]
         for index in range(len(targets)):
