@@ -89,6 +89,8 @@ def setup_runtime(preference=None):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = get_device(preference)
     if world_size == 1:
+        if device.type == "cuda":
+            device = use_cuda_device(device.index if device.index is not None else torch.cuda.current_device())
         return Runtime(device)
     rank = int(os.environ["RANK"])
     if device.type == "cuda":
@@ -96,8 +98,7 @@ def setup_runtime(preference=None):
         if processes_here > torch.cuda.device_count():
             raise DeviceError(f"{processes_here} processes per node but only {torch.cuda.device_count()} GPU(s): "
                               f"use --nproc_per_node={torch.cuda.device_count()} or fewer")
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
+        device = use_cuda_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl"
     elif device.type == "cpu":
         backend = "gloo"
@@ -106,6 +107,14 @@ def setup_runtime(preference=None):
     stop_with_the_launcher()
     dist.init_process_group(backend, rank=rank, world_size=world_size)
     return Runtime(device, rank, world_size)
+
+
+def use_cuda_device(index):
+    """Make GPU `index` the current one: graph capture, streams and synchronisation without a device argument
+    act on the current GPU, so on any other they would capture nothing or wait for the wrong work."""
+    device = torch.device("cuda", index)
+    torch.cuda.set_device(device)
+    return device
 
 
 def stop_with_the_launcher():
@@ -134,6 +143,13 @@ def distribute_model(model, runtime):
         return model
     device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def broadcast_from_main(tensors, runtime):
+    """Overwrite `tensors` on every rank with rank 0's values (a no-op in a single process)."""
+    if runtime.distributed:
+        for tensor in tensors:
+            dist.broadcast(tensor, src=0)
 
 
 def on_main_rank(runtime, action):

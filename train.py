@@ -229,7 +229,7 @@ def train(args, explicit, runtime):
     if config.workers:
         torch.set_num_threads(config.workers)
     torch.backends.cudnn.benchmark = True
-    seed_everything(config.seed + runtime.rank)
+    seed_everything(config.seed)  # every rank alike, so each draws the same initial weights
     precision = resolve_precision(runtime.device, config.precision)
     loaders = load_cifar100(DataConfig(
         config.batch_size, config.data_dir, not config.no_download, runtime.device, config.seed, runtime.rank,
@@ -271,7 +271,7 @@ def describe_run(run, resumed):
     config = run.config
     parameters = sum(p.numel() for p in run.model.parameters())
     lines = [f"{describe_model_config(config.model_config)}: {parameters / 1e6:.1f}M parameters on "
-             f"{run.runtime.device} x{run.runtime.world_size}, {run.precision}, channels_last, {run.train_step.kind} step"
+             f"{run.runtime.device} x{run.runtime.world_size}, {run.precision}, channels_last, {run.train_step.planned} step"
              f"{', compiled' if config.compile else ''}",
              f"batch {config.batch_size} (global), {run.train_loader.steps_per_epoch} steps/epoch, "
              f"{plural(config.epochs, 'epoch')}, OneCycle peak lr {config.lr}, momentum {config.momentum}, "
@@ -294,7 +294,7 @@ def describe_timing(run):
         return "no training step ran"
     return (f"first training step done {step.first_step_at - STARTED:.1f}s after start; {step.setup_seconds:.2f}s of "
             f"start-up work in epoch 1 (the first step's cudnn tuning or compilation, the CUDA graph capture) "
-            f"not counted in epoch times")
+            f"not counted in epoch times; training step: {step.kind}")
 
 
 def describe_outcome(run, outcome, seconds, final_tests=None):

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dataset_utils import NUM_CLASSES
-from device_utils import (all_reduce_sum, any_rank, autocast, distribute_model, on_main_rank, resolve_precision,
-                          synchronize)
+from device_utils import (all_reduce_sum, any_rank, autocast, broadcast_from_main, distribute_model, on_main_rank,
+                          resolve_precision, synchronize)
 from model import build_model
 from run_dir import CHECKPOINT_FORMAT, NUMBER, CheckpointError, is_a, load_checkpoint
 
@@ -297,7 +297,7 @@ class TrainStep:
     steps done, and the first step whose loss was not finite (-1 while none was).
     """
 
-    kind = "eager"
+    kind = planned = "eager"  # `kind`: the step that ran; `planned`: the one asked for
     graph = None
 
     def __init__(self, model, optimizer, criterion, device, precision, average=None):
@@ -346,7 +346,7 @@ class GraphedTrainStep(TrainStep):
     """
 
     WARMUP_STEPS = 3
-    kind = "CUDA graph"
+    planned = "CUDA graph"
 
     def __init__(self, model, optimizer, criterion, device, precision, average=None):
         super().__init__(model, optimizer, criterion, device, precision, average)
@@ -378,19 +378,52 @@ class GraphedTrainStep(TrainStep):
     def capture(self, images, labels):
         started = time.perf_counter()
         self.static_images, self.static_labels = images.clone(), labels.clone()
-        graph = torch.cuda.CUDAGraph()
         try:
             torch.cuda.synchronize(self.device)
             self.optimizer.zero_grad(set_to_none=True)
-            with torch.cuda.graph(graph):
-                self.forward_backward_update(self.static_images, self.static_labels)
-            self.graph = graph
+            self.graph = capture_graph(lambda: self.forward_backward_update(self.static_images, self.static_labels),
+                                       self.device)
         except Exception as err:  # capture refuses some ops; eager still trains correctly
             self.failed = True
             torch.cuda.synchronize(self.device)
             print(f"note: CUDA graph capture failed ({describe_error(err)}); training eagerly instead",
                   file=sys.stderr, flush=True)
         self.setup_seconds += time.perf_counter() - started
+
+    @property
+    def kind(self):
+        if self.graph is not None:
+            return "CUDA graph"
+        return "eager (the CUDA graph capture failed)" if self.failed else "eager (no CUDA graph captured yet)"
+
+
+def capture_graph(work, device):
+    """`work()` captured as a CUDA graph on a side stream. If the capture fails, the process is left as an eager
+    run would be: `torch.cuda.graph` would leave the capture stream current when its capture cannot end."""
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        graph.capture_begin()
+        try:
+            work()
+            graph.capture_end()
+        except BaseException:
+            abandon_capture(graph, device)
+            raise
+    torch.cuda.current_stream(device).wait_stream(side)
+    return graph
+
+
+def abandon_capture(graph, device):
+    """End a failed capture and stop its memory pool from taking allocations. Where capture_end raises before
+    releasing the pool, the allocator would hold back every later free of a tensor used on two streams (each
+    prepared epoch's buffer) for as long as the process lives."""
+    if torch.cuda.is_current_stream_capturing():
+        with contextlib.suppress(RuntimeError):
+            graph.capture_end()
+    with contextlib.suppress(RuntimeError):  # raises where capture_end released the pool already
+        torch._C._cuda_endAllocateToPool(device.index, graph.pool())
 
 
 def describe_error(err):
@@ -670,6 +703,8 @@ def build_run(config, runtime, loaders, run_dir=None, resumed=None):
     train_loader, val_loader, test_loader = loaders
     precision = resolve_precision(runtime.device, config.precision)
     model = model_from_config(config.model_config)
+    if runtime.distributed:  # the ranks drew the same initial weights; from here on (dropout) they differ
+        seed_everything(config.seed + runtime.rank)
     if config.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(runtime.device, memory_format=torch.channels_last)
@@ -776,6 +811,8 @@ def resumed_totals(run):
 def finish_epoch(run, train_result):
     """Evaluate on the selection split, record, checkpoint and print one finished epoch (saved before it is shown,
     so that a closed output loses nothing)."""
+    if run.average is not None:  # each rank's average has its own BatchNorm statistics: evaluate and save rank 0's
+        broadcast_from_main(run.average.model.state_dict().values(), run.runtime)
     evaluation = evaluate(run.evaluated_model, run.val_loader or run.test_loader, run.runtime, run.precision,
                           run.config.tta)
     if not math.isfinite(evaluation.loss):
@@ -856,14 +893,14 @@ def checkpoint_of(run, rng_states):
 
 def snapshot_to_host(value):
     """A copy of every tensor in `value` in host memory, taken now, so training can go on changing the originals."""
-    copies = []
+    devices = set()  # the GPUs copied from, each waited for before the copies are read
 
     def copy(item):
         if isinstance(item, torch.Tensor):
             if item.device.type != "cuda":
                 return item.detach().clone()
+            devices.add(item.device)
             host = torch.empty(item.shape, dtype=item.dtype, pin_memory=True)
-            copies.append(host)
             return host.copy_(item.detach(), non_blocking=True)
         if isinstance(item, dict):
             return {key: copy(entry) for key, entry in item.items()}
@@ -872,8 +909,8 @@ def snapshot_to_host(value):
         return item
 
     result = copy(value)
-    if copies:
-        torch.cuda.synchronize()
+    for device in devices:
+        torch.cuda.synchronize(device)
     return result
 
 

@@ -7,10 +7,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dataset_utils import TrainLoader  # noqa: E402
+from dataset_utils import EvalLoader, TrainLoader  # noqa: E402
 from device_utils import Runtime  # noqa: E402
 from model import build_model  # noqa: E402
-from train_utils import WeightAverage, make_criterion, make_optimizer, make_scheduler, make_train_step  # noqa: E402
+from train import parse_args  # noqa: E402
+from train_utils import (Config, WeightAverage, build_run, make_criterion, make_optimizer, make_scheduler,  # noqa: E402
+                         make_train_step, train_one_epoch)
 
 
 def two_identical_steps(graphed, criterion=None):
@@ -60,7 +62,14 @@ def check_graph_replays_match_eager_steps():
     assert eager_lr == pytest.approx(replayed_lr)
 
 
-def check_a_refused_capture_falls_back_to_eager():
+def random_loader(count=8192, batch_size=256, **augmentation):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=generator).cuda()
+    labels = torch.randint(0, 100, (count,), generator=generator).cuda()
+    return TrainLoader(images, labels, batch_size, seed=1, dtype=torch.bfloat16, **augmentation)
+
+
+def check_a_refused_capture_leaves_the_process_as_an_eager_run():
     plain = make_criterion()
 
     def syncing_criterion(logits, labels):
@@ -69,11 +78,55 @@ def check_a_refused_capture_falls_back_to_eager():
             loss.item()  # a host sync: capture refuses it
         return loss
 
-    batches = fixed_batches(8)
     _, optimizer, step = two_identical_steps(True, syncing_criterion)
-    train_on(batches, step, optimizer)
-    assert step.graph is None and step.failed
-    assert step.sums[2].item() == len(batches) and torch.isfinite(step.sums[0])
+    loader = random_loader()
+    epochs = 6
+    scheduler = make_scheduler(optimizer, 0.05, epochs * loader.steps_per_epoch)
+    reserved = []
+    for epoch in range(epochs):  # as train_one_epoch runs them: the next epoch prepared on a side stream
+        step.start_epoch(0)
+        for index, (images, labels) in enumerate(loader.batches(epoch)):
+            step(images, labels)
+            scheduler.step()
+            if index == 0:
+                loader.prepare(epoch + 1)
+        torch.cuda.synchronize()
+        reserved.append(torch.cuda.memory_reserved())
+    assert step.graph is None and step.failed and step.kind == "eager (the CUDA graph capture failed)"
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()  # not the capture's stream
+    assert step.sums[2].item() == loader.steps_per_epoch and torch.isfinite(step.sums[0])
+    print(f"memory reserved after each epoch: {[f'{value / 2**20:.0f} MiB' for value in reserved]}")
+    assert reserved[-1] - reserved[2] < 2**20 * 16  # a prepared epoch's buffer is 48 MiB: none is held back
+
+
+def gpu_run(*flags, count=2048):
+    """train.py's run for these flags on random data on the GPU, built as train.py builds it."""
+    args, _ = parse_args(["--model", "wideresnet", "--depth", "10", "--widen-factor", "1", "--batch-size", "128",
+                          "--device", "cuda", *map(str, flags)])
+    config = Config.from_flags(args)
+    loader = random_loader(count, config.batch_size, cutout_size=config.cutout, mixup=config.mixup,
+                           cutmix=config.cutmix)
+    test = EvalLoader(loader.images[:512], loader.labels[:512], dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    return build_run(config, Runtime(torch.device("cuda", 0)), (loader, None, test))
+
+
+def check_eager_steps_beside_the_next_epochs_preparation_train_as_on_demand():
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    weights = {}
+    for ahead in (False, True):
+        run = gpu_run("--no-cuda-graphs", "--epochs", 3, "--cutout", 8)
+        run.train_loader.prepares_ahead = ahead
+        start = [p.detach().float().clone() for p in run.model.parameters()]
+        for epoch in range(3):
+            run.state.epoch = epoch
+            train_one_epoch(run, show_progress=False)
+        assert run.train_step.kind == "eager" and (run.train_loader.side_stream is not None) == ahead
+        weights[ahead] = [p.detach().float().clone() for p in run.model.parameters()]
+    moved = sum((a - s).norm() ** 2 for a, s in zip(weights[False], start)).sqrt()
+    apart = sum((a - b).norm() ** 2 for a, b in zip(weights[False], weights[True])).sqrt()
+    print(f"training moved the weights {moved:.4g}; with and without preparation ahead they differ by {apart:.4g}")
+    assert apart <= 1e-3 * moved  # reading a half-written epoch would put them far apart
 
 
 def check_an_epoch_prepared_on_a_side_stream_matches_one_made_on_demand():

@@ -11,7 +11,8 @@ from model import build_model
 from run_dir import load_checkpoint
 
 
-SETTINGS = ("--epochs", 2, "--lr", 0.05, "--batch-size", 64)  # the last --batch-size wins: 32 per process
+# The last --batch-size wins: 32 per process. The weight average (--ema) is what is evaluated and saved.
+SETTINGS = ("--epochs", 2, "--lr", 0.05, "--ema", 0.5, "--batch-size", 64)
 
 
 def torchrun(*args):
@@ -74,5 +75,22 @@ def test_resume_under_torchrun_continues_exactly(runs):
     assert load_checkpoint(split / "last.pt")["epoch"] == 1
     second = torchrun(*tiny_run_args(cifar_dir, split, *SETTINGS, "--resume", "--target-accuracy", 1.0))
     assert second.returncode == 0, second.stderr
-    straight, resumed = load_weights(root / "double" / "last.pt"), load_weights(split / "last.pt")
-    assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+    straight, resumed = load_checkpoint(root / "double" / "last.pt"), load_checkpoint(split / "last.pt")
+    for part in ("model", "ema"):
+        assert all(torch.equal(straight[part][key], resumed[part][key]) for key in straight[part]), part
+    measured = ("train_loss", "test_loss", "test_top1", "test_top5")  # evaluation too: the ranks evaluate one average
+    assert [[row[key] for key in measured] for row in straight["history"]] == \
+        [[row[key] for key in measured] for row in resumed["history"]]
+
+
+def test_under_torchrun_every_rank_evaluates_the_average_that_is_saved(runs):
+    from dataset_utils import EvalLoader, read_cifar100
+    from device_utils import Runtime
+    from train_utils import evaluate, load_model
+    cifar_dir, root, _, _ = runs
+    test = read_cifar100(cifar_dir, download=False)
+    result = evaluate(load_model(root / "double" / "last.pt"), EvalLoader(test.test_images, test.test_labels),
+                      Runtime(torch.device("cpu")), "fp32")
+    recorded = load_checkpoint(root / "double" / "last.pt")["history"][-1]
+    assert recorded["test_loss"] == pytest.approx(result.loss, abs=2e-5)
+    assert recorded["test_top1"] == pytest.approx(result.top1, abs=1e-5)

@@ -56,10 +56,14 @@ def test_an_epoch_prepared_on_a_side_stream_matches_one_made_on_demand():
     run_check("check_an_epoch_prepared_on_a_side_stream_matches_one_made_on_demand")
 
 
-def test_a_refused_capture_falls_back_to_eager_with_one_note():
-    result = run_check("check_a_refused_capture_falls_back_to_eager")
+def test_a_refused_capture_falls_back_to_eager_with_one_note_and_leaves_no_trace():
+    result = run_check("check_a_refused_capture_leaves_the_process_as_an_eager_run")
     notes = [line for line in result.stderr.splitlines() if "CUDA graph capture failed" in line]
     assert len(notes) == 1 and "training eagerly instead" in notes[0]
+
+
+def test_eager_steps_beside_the_next_epochs_preparation_train_as_on_demand():
+    run_check("check_eager_steps_beside_the_next_epochs_preparation_train_as_on_demand")
 
 
 @pytest.fixture
@@ -68,29 +72,66 @@ def gpu_data(tmp_path):
     return write_cifar100(tmp_path / "data", train_size=512, test_size=64)
 
 
-def test_a_short_real_run_on_the_gpu_writes_checkpoints_that_resume(gpu_data, tmp_path):
+def gpu_count():
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                           capture_output=True, text=True, env=gpu_env())
+    return int(probe.stdout)
+
+
+def tiny_gpu_run(data, folder, *flags, device="cuda"):
+    """A tiny run of train.py on the GPU that must succeed, capture no failed graph, and say which step it used."""
     from conftest import TINY_MODEL
+    result = run_train_on_gpu(*TINY_MODEL, "--data-dir", data, "--no-download", "--batch-size", 32, "--device", device,
+                              "--checkpoint-dir", folder, *flags)
+    assert result.returncode == 0, result.stderr
+    assert "capture failed" not in result.stderr, result.stderr
+    return result
+
+
+def step_used(result):
+    return result.stdout.split("training step: ", 1)[1].splitlines()[0]
+
+
+def test_a_short_real_run_on_the_gpu_writes_checkpoints_that_resume(gpu_data, tmp_path):
     from run_dir import load_checkpoint
-    settings = [*TINY_MODEL, "--data-dir", gpu_data, "--no-download", "--batch-size", 32, "--device", "cuda"]
-    common = [*settings, "--checkpoint-dir", tmp_path / "ckpt"]
-    mixed = run_train_on_gpu(*settings, "--checkpoint-dir", tmp_path / "mixed", "--epochs", 1, "--mixup", 0.2,
-                             "--cutmix", 1.0)  # soft targets through the bf16 graphed step
-    assert mixed.returncode == 0 and "CUDA graph step" in mixed.stdout, mixed.stderr
-    first = run_train_on_gpu(*common, "--epochs", 3, "--target-accuracy", 0.01, "--patience", 1)
-    assert first.returncode == 0, first.stderr
-    assert "CUDA graph step" in first.stdout and "the CUDA graph capture) not counted" in first.stdout
+    mixed = tiny_gpu_run(gpu_data, tmp_path / "mixed", "--epochs", 1, "--mixup", 0.2, "--cutmix", 1.0)
+    assert step_used(mixed) == "CUDA graph"  # soft targets through the bf16 graphed step
+    first = tiny_gpu_run(gpu_data, tmp_path / "ckpt", "--epochs", 3, "--target-accuracy", 0.01, "--patience", 1)
+    assert "CUDA graph step" in first.stdout and step_used(first) == "CUDA graph"
     assert load_checkpoint(tmp_path / "ckpt" / "last.pt")["epoch"] == 1
-    second = run_train_on_gpu(*common, "--resume", "--target-accuracy", 1.0)
-    assert second.returncode == 0, second.stderr
+    second = tiny_gpu_run(gpu_data, tmp_path / "ckpt", "--resume", "--target-accuracy", 1.0)
     resumed = load_checkpoint(tmp_path / "ckpt" / "last.pt")
     assert resumed["epoch"] == 3 and [row["epoch"] for row in resumed["history"]] == [1, 2, 3]
     assert resumed["history"][-1]["train_loss"] < resumed["history"][0]["train_loss"]
+    assert step_used(second) == "CUDA graph"
+
+
+@pytest.mark.parametrize("flags, step", [
+    (["--compile", "--epochs", 2], "CUDA graph"),  # inductor's kernels inside the captured graph
+    (["--no-cuda-graphs", "--epochs", 3], "eager"),  # eager steps beside the next epoch's preparation
+    (["--min-momentum", 0.85, "--epochs", 2], "eager"),  # a cycled momentum: eager on CUDA
+    (["--batch-size", 256, "--epochs", 4], "CUDA graph"),  # 2 steps an epoch: captured in epoch 2
+], ids=["compile", "no-cuda-graphs", "min-momentum", "2-step-epochs"])
+def test_each_cuda_path_trains_with_the_step_it_says(gpu_data, tmp_path, flags, step):
+    from run_dir import load_checkpoint
+    result = tiny_gpu_run(gpu_data, tmp_path / "ckpt", *flags)
+    assert step_used(result) == step
+    history = load_checkpoint(tmp_path / "ckpt" / "last.pt")["history"]
+    assert len(history) == flags[-1] and history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+@pytest.mark.skipif(not cuda_available() or gpu_count() < 2, reason="needs two GPUs")
+def test_a_run_on_the_second_gpu_captures_and_trains_there(gpu_data, tmp_path):
+    from run_dir import load_checkpoint
+    result = tiny_gpu_run(gpu_data, tmp_path / "ckpt", "--epochs", 2, device="cuda:1")
+    assert "on cuda:1 x1" in result.stdout and step_used(result) == "CUDA graph"
+    history = load_checkpoint(tmp_path / "ckpt" / "last.pt")["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
 
 
 def test_torchrun_with_more_processes_than_gpus_is_one_line(gpu_data, tmp_path):
     from conftest import TINY_MODEL
-    too_many = int(subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
-                                  capture_output=True, text=True, env=gpu_env()).stdout) + 1
+    too_many = gpu_count() + 1
     result = run_train_on_gpu(*TINY_MODEL, "--data-dir", gpu_data, "--no-download", "--checkpoint-dir",
                               tmp_path / "ckpt", "--device", "cuda", nproc=too_many)
     assert result.returncode != 0

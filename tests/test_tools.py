@@ -1,5 +1,8 @@
 """The tools around a run: the benchmark script, the plot, TensorBoard, and load_model for notebooks."""
+import datetime
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,3 +56,49 @@ def test_load_model_returns_the_trained_model_ready_to_predict(finished_run):
     assert not model.training
     with torch.inference_mode():
         assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
+
+
+def reproduce(*args, cwd):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    return subprocess.run([sys.executable, str(REPO / "reproduce.py"), *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
+
+
+def test_reproduce_runs_a_tables_commands_keeps_their_logs_and_prints_the_table(cifar_dir, tmp_path):
+    from conftest import TINY_MODEL
+    from run_dir import load_checkpoint, read_metrics
+    tiny = [*TINY_MODEL, "--data-dir", cifar_dir, "--no-download", "--batch-size", 16, "--epochs", 2, "--device", "cpu"]
+    result = reproduce("fast", "--runs", "seed1", "--", *tiny, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    folder = tmp_path / "results" / "fast" / "seed1"
+    rows = read_metrics(folder / "metrics.csv")
+    assert len(rows) == 2 and "epoch   2/2" in (folder / "output.txt").read_text()
+    assert load_checkpoint(tmp_path / "runs" / "fast" / "seed1" / "last.pt")["args"]["seed"] == 1
+    table = (tmp_path / "results" / "fast" / "table.md").read_text()
+    assert table.strip() in result.stdout
+    heading, row = table.splitlines()[0], next(line for line in table.splitlines() if line.startswith("| seed1 |"))
+    assert heading.startswith("fast: ") and ", torch 2." in heading and heading.endswith(str(datetime.date.today()))
+    assert "`python train.py --preset fast --seed 1 --model wideresnet" in row
+    assert row.endswith(f"| {100 * float(rows[-1]['test_top1']):.2f} % |")
+    again = reproduce("fast", "--runs", "seed1", "--", *tiny, cwd=tmp_path)  # never over an earlier run's folder
+    assert again.returncode == 2 and again.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'runs' / 'fast' / 'seed1'} already exist: move them away, or pass another --work folder"]
+
+
+def test_reproduce_marks_a_failed_run_and_exits_non_zero(tmp_path):
+    result = reproduce("default", "--", "--data-dir", tmp_path / "nowhere", "--no-download", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "| seed0 |" in result.stdout and "failed (exit 1) |" in result.stdout
+    assert "CIFAR-100 not found" in (tmp_path / "results" / "default" / "seed0" / "output.txt").read_text()
+
+
+def test_reproduce_speed_keeps_the_benchmarks_rows(tmp_path):
+    result = reproduce("speed", "--runs", "resnet18", "--", "--device", "cpu", "--batch-sizes", 8, "--train-images", 16,
+                       "--test-images", 16, "--steps", 1, "--repeats", 1, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = (tmp_path / "results" / "speed" / "table.md").read_text().splitlines()
+    assert table[2].startswith("| model |") and table[4].startswith("| resnet18 | fp32 | 8 | eager |")
+    assert (tmp_path / "results" / "speed" / "resnet18" / "output.txt").is_file()

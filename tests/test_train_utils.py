@@ -226,3 +226,16 @@ def test_the_weight_average_follows_the_ema_formula_for_weights_and_batchnorm_st
         else:
             assert torch.equal(value, current[key]), key  # counters are copied, not averaged
     assert not torch.equal(after["conv1.weight"], current["conv1.weight"])
+
+
+def test_a_single_process_on_cuda_n_makes_gpu_n_its_current_device(monkeypatch):
+    from device_utils import setup_runtime
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    # Graph capture, side streams and synchronisation act on the current GPU: it must be the run's own.
+    assert setup_runtime("cuda:1").device == torch.device("cuda", 1)
+    assert setup_runtime("cuda").device == torch.device("cuda", 0)
+    assert made_current == [torch.device("cuda", 1), torch.device("cuda", 0)]

@@ -1,0 +1,177 @@
+"""Run the exact commands behind a table of the README or BENCHMARKS.md, keep their logs, and print the table.
+
+    python reproduce.py fast                  # --preset fast for seeds 0, 1 and 2
+    python reproduce.py default               # the default 100-epoch ResNet18 run
+    python reproduce.py speed                 # bench.py's rows
+    python reproduce.py fast --runs seed0     # one run of a table
+    python reproduce.py fast -- --data-dir /data --no-download   # flags added to every run of the table
+
+Each run's printed output and metrics.csv go to results/<table>/<run>/, its checkpoints to
+runs/<table>/<run>/, and the table, with the device, the torch version and the date, to
+results/<table>/table.md as well as the screen. Wall time is the whole process, start to exit.
+"""
+import argparse
+import csv
+import datetime
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+
+
+@dataclass
+class Run:
+    name: str
+    command: list  # a script of this repo and its flags
+
+
+def seeds(flags, count=3):
+    return [Run(f"seed{seed}", ["train.py", *flags, "--seed", str(seed)]) for seed in range(count)]
+
+
+TABLES = {
+    "default": [Run("seed0", ["train.py"])],
+    "fast": seeds(["--preset", "fast"]),
+    "wrn": [Run("seed0", ["train.py", "--preset", "wrn"])],
+    "speed": [Run("resnet18", ["bench.py", "--models", "resnet18", "--batch-sizes", "128,512", "--repeats", "5"]),
+              Run("wrn", ["bench.py", "--models", "wideresnet", "--batch-sizes", "512", "--repeats", "3",
+                          "--steps", "20"]),
+              Run("wrn-compiled", ["bench.py", "--models", "wideresnet", "--batch-sizes", "512", "--repeats", "3",
+                                   "--steps", "20", "--compile"])],
+}
+
+
+class ReproduceError(RuntimeError):
+    """A table cannot be run as asked."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     epilog="after --: flags added to every run's command")
+    parser.add_argument("table", choices=sorted(TABLES))
+    parser.add_argument("--runs", help="comma-separated names of the runs to do (default: every run of the table)")
+    parser.add_argument("--results", default="results", help="where each run's output and metrics.csv go")
+    parser.add_argument("--work", default="runs", help="where each run's checkpoints go")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[:len(argv) - len(extra) - ("--" in argv)])
+    args.extra = extra  # flags for the runs: after --, added to every run's command
+    names = [run.name for run in TABLES[args.table]]
+    wanted = args.runs.split(",") if args.runs else names
+    unknown = sorted(set(wanted) - set(names))
+    if unknown:
+        parser.error(f"table {args.table} has no run {', '.join(unknown)} (it has {', '.join(names)})")
+    args.runs = [run for run in TABLES[args.table] if run.name in wanted]
+    return args
+
+
+def is_whole_run(run):
+    return run.command[0] == "train.py"
+
+
+def run_and_log(command, log_path):
+    """Run `python COMMAND` in the repo, its output shown and written to `log_path`; (exit code, wall seconds)."""
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, *command], cwd=REPO, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in process.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+        code = process.wait()
+    return code, time.perf_counter() - started
+
+
+def whole_run_row(run, command, code, wall_seconds, folder):
+    """A row of the whole-run table from the run's printed output and metrics.csv."""
+    output = (folder / "output.txt").read_text()
+    first_step = re.search(r"first training step done ([\d.]+)s after start", output)
+    final_test = re.search(r"test top-1 ([\d.]+)% \(top-5 [\d.]+%\) for the final model", output)
+    rows = read_rows(folder / "metrics.csv")
+    top1 = final_test and float(final_test.group(1))
+    if top1 is None and rows and rows[-1].get("test_top1"):
+        top1 = 100 * float(rows[-1]["test_top1"])
+    epoch_seconds = [float(row["epoch_seconds"]) for row in rows]
+    cells = [run.name, f"`python {' '.join(command)}`", str(len(rows)), f"{wall_seconds:.1f}",
+             first_step.group(1) if first_step else "–",
+             f"{statistics.median(epoch_seconds):.2f}" if epoch_seconds else "–",
+             f"{top1:.2f} %" if top1 is not None else "–"]
+    if code != 0:
+        cells[-1] = f"failed (exit {code})"
+    return "| " + " | ".join(cells) + " |"
+
+
+def read_rows(path):
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+WHOLE_RUN_HEADER = ("| run | command | epochs | wall s | first step s | epoch s (median) | test top-1 (final model) |\n"
+                    "|---|---|---|---|---|---|---|")
+
+
+def bench_rows(folder, code):
+    """bench.py's own table rows (header once) from its printed output."""
+    lines = [line for line in (folder / "output.txt").read_text().splitlines() if line.startswith("|")]
+    return lines if code == 0 else lines + [f"| failed (exit {code}) |"]
+
+
+def describe_device():
+    """The device the runs used and the torch version, asked of a fresh process (this one loads no torch)."""
+    probe = ("import platform, torch\n"
+             "name = torch.cuda.get_device_name() if torch.cuda.is_available() else "
+             "f'{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads'\n"
+             "print(f'{name}, torch {torch.__version__}')")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    return result.stdout.strip() or "unknown device"
+
+
+def reproduce(args):
+    results, work = Path(args.results) / args.table, Path(args.work).resolve() / args.table
+    taken = [str(work / run.name) for run in args.runs if is_whole_run(run) and (work / run.name).exists()]
+    if taken:
+        raise ReproduceError(f"{', '.join(taken)} already exist: move them away, or pass another --work folder")
+    lines, failed = [], False
+    for run in args.runs:
+        folder = results / run.name
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        command = [*run.command, *args.extra]
+        print(f"== {args.table}/{run.name}: python {' '.join(command)}", flush=True)
+        where = ["--checkpoint-dir", str(work / run.name)] if is_whole_run(run) else []
+        code, wall_seconds = run_and_log(command + where, folder / "output.txt")
+        failed |= code != 0
+        if is_whole_run(run):
+            if (work / run.name / "metrics.csv").is_file():
+                shutil.copy(work / run.name / "metrics.csv", folder / "metrics.csv")
+            lines.append(whole_run_row(run, command, code, wall_seconds, folder))
+        else:
+            lines += [line for line in bench_rows(folder, code) if line not in lines]
+    if is_whole_run(TABLES[args.table][0]):
+        lines = [WHOLE_RUN_HEADER, *lines]
+    table = "\n".join([f"{args.table}: {describe_device()}, {datetime.date.today().isoformat()}", "", *lines])
+    (results / "table.md").write_text(table + "\n")
+    print("\n" + table)
+    return 1 if failed else 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return reproduce(args)
+    except ReproduceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
