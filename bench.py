@@ -57,10 +57,11 @@ def bench_one(name, batch_size, precision, args, device):
     started = time.perf_counter()
     torch.manual_seed(0)
     dtype = input_dtype(resolve_precision(device, precision))
-    loader = TrainLoader(*random_images(args.train_images, device), batch_size, dtype=dtype)
+    config = bench_config(name, batch_size, precision, args.train_images // batch_size, args)
+    loader = TrainLoader(*random_images(args.train_images, device), batch_size, dtype=dtype,
+                         augmentation=config.augmentation)
     test_loader = EvalLoader(*random_images(args.test_images, device, seed=1), args.test_batch_size, dtype=dtype)
-    run = build_run(bench_config(name, batch_size, precision, loader.steps_per_epoch, args), runtime,
-                    (loader, None, test_loader))
+    run = build_run(config, runtime, (loader, None, test_loader))
     synchronize(device)
     setup_seconds = time.perf_counter() - started
 
@@ -76,14 +77,16 @@ def bench_one(name, batch_size, precision, args, device):
             run.train_step(fixed_images, fixed_labels)
             run.scheduler.step()
 
-    plan = plan_epoch(len(loader.images), loader.steps_per_epoch, 0, 0, device)
+    plan = plan_epoch(len(loader.images), loader.steps_per_epoch, 0, 0, device, loader.augmentation, batch_size)
     (first_epoch_seconds,) = time_runs(device, epoch, 1)
     epoch_seconds = time_runs(device, epoch, args.repeats)
     step_seconds = time_runs(device, bare_steps, args.repeats)
     augment_seconds = time_runs(device, lambda: loader.augment_epoch(plan), args.repeats)
     test_seconds = time_runs(device, lambda: evaluate(run.model, test_loader, runtime, run.precision), args.repeats)
     epoch_images = loader.steps_per_epoch * batch_size
-    return {"model": name, "precision": run.precision, "batch": batch_size, "step": run.train_step.kind,
+    return {"model": name, "precision": run.precision, "batch": batch_size,
+            "step": run.train_step.kind + (f", SAM {args.sam}" if args.sam else ""),
+            "augmentation": args.auto_augment or "crop, flip, rotate, jitter",
             "setup_s": setup_seconds, "first_epoch_s": first_epoch_seconds, "capture_s": run.train_step.setup_seconds,
             "epoch_s": spread(epoch_seconds), "epoch_img_s": epoch_images / statistics.median(epoch_seconds),
             "step_img_s": args.steps * batch_size / statistics.median(step_seconds),
@@ -97,6 +100,8 @@ def bench_config(name, batch_size, precision, steps_per_epoch, args):
     flags = ["--model", name, "--batch-size", str(batch_size), "--precision", precision, "--epochs", str(epochs),
              "--test-batch-size", str(args.test_batch_size)]
     flags += ["--compile"] * args.compile + ["--no-cuda-graphs"] * args.no_cuda_graphs
+    flags += ["--auto-augment", args.auto_augment] if args.auto_augment else []
+    flags += ["--sam", str(args.sam)] if args.sam else []
     return Config.from_flags(parse_train_flags(flags)[0])
 
 
@@ -105,13 +110,15 @@ def noisy(seconds):
     return (high - low) > NOISY_SPREAD * median
 
 
-HEADER = ("| model | precision | batch | step | set-up s | first epoch s (capture s) | epoch s min / median / max | "
-          "epoch img/s | step img/s (ceiling) | epoch/ceiling | augmentation img/s | test pass s min / median / max |")
+HEADER = ("| model | precision | batch | step | augmentation | set-up s | first epoch s (capture s) | "
+          "epoch s min / median / max | epoch img/s | step img/s (ceiling) | epoch/ceiling | augmentation img/s | "
+          "test pass s min / median / max |")
 
 
 def format_row(row):
     epoch, test = row["epoch_s"], row["test_s"]
-    return (f"| {row['model']} | {row['precision']} | {row['batch']} | {row['step']} | {row['setup_s']:.1f} | "
+    return (f"| {row['model']} | {row['precision']} | {row['batch']} | {row['step']} | {row['augmentation']} | "
+            f"{row['setup_s']:.1f} | "
             f"{row['first_epoch_s']:.2f} ({row['capture_s']:.2f}) | {epoch[0]:.3f} / {epoch[1]:.3f} / {epoch[2]:.3f} | "
             f"{row['epoch_img_s']:,.0f} | {row['step_img_s']:,.0f} | {row['epoch_img_s'] / row['step_img_s']:.2f} | "
             f"{row['augment_img_s']:,.0f} | {test[0]:.3f} / {test[1]:.3f} / {test[2]:.3f} |"
@@ -131,6 +138,8 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model as well")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="eager steps on CUDA")
+    parser.add_argument("--auto-augment", choices=["ta_wide", "ra"], help="train.py's augmentation policy")
+    parser.add_argument("--sam", type=float, help="train.py's --sam RHO: two passes per step")
     return parser.parse_args(argv)
 
 

@@ -23,13 +23,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from auto_augment import PolicyPlan, apply_policy, draw_policy, grayscale, plan_policy
+
 NUM_CLASSES = 100
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 CROP_PADDING = 4
 MAX_ROTATION_DEGREES = 15.0
 JITTER_STRENGTH = 0.2  # brightness, contrast and saturation factors are drawn from [0.8, 1.2]
-GRAYSCALE_WEIGHTS = (0.2989, 0.587, 0.114)  # the weights torchvision's rgb_to_grayscale uses
 IMAGE_SIZE = 32
 # Images augmented per call: large enough that an epoch takes a handful of calls, small enough that the
 # float32 intermediates (about 60 KB an image at their peak) stay near 1 GB.
@@ -93,6 +94,8 @@ def read_cifar100(data_dir, download=True):
     """Read `data_dir/cifar-100-python/{train,test,meta}`, unpacking or downloading the archive first if need be."""
     root = Path(data_dir)
     folder = root / FOLDER_NAME
+    if root.exists() and not root.is_dir():
+        raise DataError(f"--data-dir {root} is a file, not a folder")
     for name in SPLIT_FILES:
         path = folder / name
         if (path.exists() or path.is_symlink()) and not path.is_file():
@@ -164,10 +167,9 @@ def read_split(path):
         raise DataError(f"{path}: expected 'fine_labels' as a list of whole numbers")
     if len(labels) != len(images):
         raise DataError(f"{path}: {len(images)} images but {len(labels)} labels")
-    labels = torch.tensor(labels, dtype=torch.int64)
-    if len(labels) == 0 or labels.min() < 0 or labels.max() >= NUM_CLASSES:
+    if not labels or not all(0 <= label < NUM_CLASSES for label in labels):
         raise DataError(f"{path}: labels must lie in 0..{NUM_CLASSES - 1} and the split must not be empty")
-    return torch.from_numpy(images.reshape(-1, 3, 32, 32).copy()), labels
+    return torch.from_numpy(images.reshape(-1, 3, 32, 32).copy()), torch.tensor(labels, dtype=torch.int64)
 
 
 # ---- batched augmentation: each op takes a float batch (B, 3, H, W) in [0, 1] ----
@@ -203,10 +205,6 @@ def channel_constant(values, device):
     return torch.tensor(values, device=device)[:, None, None]
 
 
-def grayscale(images):
-    return (images * channel_constant(GRAYSCALE_WEIGHTS, images.device)).sum(1, keepdim=True)
-
-
 def blend(images, other, factors):
     factors = factors[:, None, None, None]
     return (factors * images + (1 - factors) * other).clamp(0, 1)
@@ -237,13 +235,32 @@ def normalize(images):
 
 
 def cutout(images, centres, size):
-    """Zero a size x size square per image, centred at (row, col) `centres` that may lie on the border."""
+    """Zero a square per image around (row, col) `centres` that may lie on the border, as the Cutout paper's code
+    does: rows and columns centre - size // 2 up to centre + size // 2, so an odd size cuts (size - 1) squared.
+    On normalised images zero is the data set's mean colour, the paper's fill."""
     steps = torch.arange(images.shape[-1], device=images.device)
-    low, high = centres - size // 2, centres - size // 2 + size
+    low, high = centres - size // 2, centres + size // 2
     rows = (steps >= low[:, 0:1]) & (steps < high[:, 0:1])
     cols = (steps >= low[:, 1:2]) & (steps < high[:, 1:2])
     keep = ~(rows[:, :, None] & cols[:, None, :])
     return images * keep[:, None].to(images.dtype)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """How training images are augmented beyond the random crop and flip; every part is off by default."""
+
+    cutout: int = 0  # the side of the square Cutout zeroes
+    mixup: float = 0.0  # Beta(alpha, alpha) of the mixup weights
+    cutmix: float = 0.0  # Beta(alpha, alpha) of the CutMix box shares
+    cutmix_prob: float = 1.0  # the chance a batch is CutMix; the others are mixed up with --mixup, else left
+    policy: str = None  # "ta_wide" or "ra": replaces the rotation and colour jitter
+    num_ops: int = 2  # RandAugment's ops per image
+    magnitude: int = 9  # RandAugment's magnitude bin
+
+    @property
+    def mixes(self):
+        return self.mixup > 0 or self.cutmix > 0
 
 
 @dataclass
@@ -258,26 +275,29 @@ class AugmentationPlan:
     jitter_order: torch.Tensor  # (steps, 3): torchvision shuffles the jitter ops per call; we do per batch
     cutout_centres: torch.Tensor  # (N, 2) in [0, 32): used only with --cutout
     mixing: "MixPlan" = None  # with --mixup or --cutmix
+    policy: PolicyPlan = None  # with --auto-augment
 
 
 @dataclass
 class MixPlan:
-    """How each batch is mixed with itself reversed (image i with image B-1-i), one row per step.
+    """How each batch is mixed with a permutation of itself (image i with image partners[i]), one row per step.
 
     `weights` is each image's own share of the result and of its target; the partner has the rest.
     A CutMix step pastes the partner into `boxes` (top, left, bottom, right) and its weight is the area
-    left; a mixup step has an empty box and blends the whole image by its weight.
+    left; a mixup step has an empty box and blends the whole image by its weight; a step left unmixed
+    has weight 1.
     """
 
     weights: torch.Tensor  # (steps,) in [0, 1]
     boxes: torch.Tensor  # (steps, 4)
-    blend: torch.Tensor  # (steps,) the blending weight: 1 on CutMix steps, the weight on mixup steps
+    blend: torch.Tensor  # (steps,) the blending weight: 1 on CutMix and unmixed steps, the weight on mixup steps
+    partners: torch.Tensor  # (steps, batch): a permutation of each batch (this process's share under torchrun)
 
 
-def plan_epoch(num_images, steps, seed, epoch, device, mixup=0.0, cutmix=0.0):
+def plan_epoch(num_images, steps, seed, epoch, device, augmentation=Augmentation(), batch_size=None):
     """Draw an epoch's plan on the CPU, so a seed gives the same run on every device, then move it once.
 
-    `mixup` and `cutmix` are the Beta(alpha, alpha) parameters of the mixing weights (0: off).
+    `batch_size` is the batch each process trains on, whose images mixing pairs (default: one process).
     """
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(num_images, generator=generator)
@@ -287,24 +307,34 @@ def plan_epoch(num_images, steps, seed, epoch, device, mixup=0.0, cutmix=0.0):
     jitter_factors = 1 + (torch.rand(num_images, 3, generator=generator) * 2 - 1) * JITTER_STRENGTH
     jitter_order = torch.stack([torch.randperm(3, generator=generator) for _ in range(steps)])
     cutout_centres = torch.randint(0, IMAGE_SIZE, (num_images, 2), generator=generator)
-    mixing = plan_mixing(steps, mixup, cutmix, generator) if mixup or cutmix else None  # last: older draws keep
+    # Drawn last, each only when on: switching one on leaves every other draw of the epoch as it was.
+    mixing = policy = None
+    if augmentation.mixes:
+        mixing = plan_mixing(steps, batch_size or num_images // steps, augmentation, generator)
+    if augmentation.policy:
+        policy = plan_policy(*draw_policy(num_images, augmentation.policy, augmentation.num_ops,
+                                          augmentation.magnitude, generator))
 
     def to_device(tensor):
         if torch.device(device).type == "cuda":  # from pageable memory a copy would wait for the stream's work
             tensor = tensor.pin_memory()
         return tensor.to(device, non_blocking=True)
 
+    def parts_to_device(plan):
+        return plan and type(plan)(*map(to_device, vars(plan).values()))
+
     return AugmentationPlan(*map(to_device, (order, crop_offsets, flip, degrees, jitter_factors, jitter_order,
-                                             cutout_centres)),
-                            mixing and MixPlan(*map(to_device, (mixing.weights, mixing.boxes, mixing.blend))))
+                                             cutout_centres)), parts_to_device(mixing), parts_to_device(policy))
 
 
-def plan_mixing(steps, mixup, cutmix, generator):
-    """Each step is CutMix or mixup (half and half when both are on), with its weight drawn from Beta(alpha, alpha)."""
+def plan_mixing(steps, batch_size, augmentation, generator):
+    """Each step is CutMix with chance cutmix_prob; the others are mixup with --mixup, else unmixed. Weights are
+    drawn from Beta(alpha, alpha), and each batch's partners are a random permutation of it, as in the papers."""
     rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))  # torch has no seeded Beta
-    use_cutmix = rng.random(steps) < 0.5 if mixup and cutmix else np.full(steps, cutmix > 0)
-    alpha = np.where(use_cutmix, cutmix, mixup)
-    drawn = rng.beta(alpha, alpha)
+    use_cutmix = (rng.random(steps) < augmentation.cutmix_prob) & (augmentation.cutmix > 0)
+    use_mixup = ~use_cutmix & (augmentation.mixup > 0)
+    alpha = np.where(use_cutmix, augmentation.cutmix, augmentation.mixup)
+    drawn = np.where(use_cutmix | use_mixup, rng.beta(np.maximum(alpha, 1e-9), np.maximum(alpha, 1e-9)), 1.0)
     # CutMix: a square of (1 - weight) of the image, centred anywhere, clipped by the border.
     half_side = np.sqrt(1 - drawn) * IMAGE_SIZE / 2
     centres = rng.integers(0, IMAGE_SIZE, (steps, 2))
@@ -313,14 +343,15 @@ def plan_mixing(steps, mixup, cutmix, generator):
     boxes = np.where(use_cutmix[:, None], np.concatenate([low, high], 1), 0)
     pasted = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / IMAGE_SIZE**2
     weights = np.where(use_cutmix, 1 - pasted, drawn)
-    blend = np.where(use_cutmix, 1.0, drawn)
+    blend = np.where(use_mixup, drawn, 1.0)
+    partners = rng.permuted(np.tile(np.arange(batch_size), (steps, 1)), axis=1)
     return MixPlan(torch.tensor(weights, dtype=torch.float32), torch.from_numpy(boxes),
-                   torch.tensor(blend, dtype=torch.float32))
+                   torch.tensor(blend, dtype=torch.float32), torch.from_numpy(partners))
 
 
 def mix_images(images, mixing):
-    """Mix steps of batches (steps, B, 3, H, W) with themselves reversed, by the plan's rows for those steps."""
-    partners = images.flip(1)
+    """Mix steps of batches (steps, B, 3, H, W) with their partners, by the plan's rows for those steps."""
+    partners = images[torch.arange(len(images), device=images.device)[:, None], mixing.partners]
     blend = mixing.blend[:, None, None, None, None].to(images.dtype)
     mixed = blend * images + (1 - blend) * partners
     steps = torch.arange(images.shape[-1], device=images.device)
@@ -331,26 +362,33 @@ def mix_images(images, mixing):
     return torch.where(pasted, partners, mixed)
 
 
-def mix_targets(labels, weights, num_classes=NUM_CLASSES):
-    """Targets (steps, B, classes) of batches of labels (steps, B) mixed with themselves reversed: each row sums to 1."""
+def mix_targets(labels, mixing, num_classes=NUM_CLASSES):
+    """Targets (steps, B, classes) of batches of labels (steps, B) mixed with their partners: each row sums to 1."""
     own = F.one_hot(labels, num_classes).float()
-    weights = weights[:, None, None]
-    return weights * own + (1 - weights) * own.flip(1)
+    partners = own[torch.arange(len(own), device=own.device)[:, None], mixing.partners]
+    weights = mixing.weights[:, None, None]
+    return weights * own + (1 - weights) * partners
 
 
 def augment(images, plan, positions, jitter_order, cutout_size=0):
-    """Crop, flip, rotate, jitter, cut out and normalise uint8 images with the plan's rows at `positions`.
+    """Crop, flip, then the policy (or rotate and jitter), normalise and cut out uint8 images with the plan's rows
+    at `positions`.
 
     `jitter_order` is one order of the jitter ops for all the images, or one row per image.
     """
-    images = images.float().div_(255)
+    images = images.float()  # grey levels 0..255 until normalised: the policy's ops are defined on them
     images = random_crop(images, plan.crop_offsets[positions])
     images = horizontal_flip(images, plan.flip[positions])
-    images = rotate(images, plan.degrees[positions])
-    images = color_jitter(images, plan.jitter_factors[positions], jitter_order)
+    if plan.policy is not None:
+        images = apply_policy(images, PolicyPlan(*(part[positions] for part in vars(plan.policy).values())))
+        images = images.div_(255)
+    else:
+        images = rotate(images.div_(255), plan.degrees[positions])
+        images = color_jitter(images, plan.jitter_factors[positions], jitter_order)
+    images = normalize(images)
     if cutout_size:
         images = cutout(images, plan.cutout_centres[positions], cutout_size)
-    return normalize(images)
+    return images
 
 
 @dataclass
@@ -377,7 +415,7 @@ class TrainLoader:
     """
 
     def __init__(self, images, labels, batch_size, seed=0, rank=0, world_size=1, dtype=torch.float32,
-                 cutout_size=0, mixup=0.0, cutmix=0.0):
+                 augmentation=Augmentation()):
         if batch_size % world_size:
             raise DataError(f"batch size {batch_size} does not split evenly over {world_size} processes")
         if batch_size > len(images):
@@ -385,8 +423,7 @@ class TrainLoader:
         self.images, self.labels = images, labels
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size
-        self.dtype, self.cutout_size = dtype, cutout_size
-        self.mixup, self.cutmix = mixup, cutmix
+        self.dtype, self.augmentation = dtype, augmentation
         self.steps_per_epoch = len(images) // batch_size
         self.images_per_rank_step = batch_size // world_size
         # Elsewhere than on CUDA nothing runs beside the training, and a second epoch would only take memory.
@@ -402,8 +439,8 @@ class TrainLoader:
 
     def augmented(self, epoch, start_step=0):
         """This rank's augmented images and targets of steps start_step.. of `epoch`."""
-        plan = plan_epoch(len(self.images), self.steps_per_epoch, self.seed, epoch, self.images.device, self.mixup,
-                          self.cutmix)
+        plan = plan_epoch(len(self.images), self.steps_per_epoch, self.seed, epoch, self.images.device,
+                          self.augmentation, self.images_per_rank_step)
         return self.augment_epoch(plan, start_step), self.epoch_targets(plan, start_step)
 
     def augment_epoch(self, plan, start_step=0):
@@ -417,7 +454,7 @@ class TrainLoader:
             chunk = steps[first:first + chunk_steps]
             positions = self.positions(chunk).flatten()
             orders = plan.jitter_order[chunk.start:chunk.stop].repeat_interleave(per_rank, dim=0)
-            images = augment(self.images[plan.order[positions]], plan, positions, orders, self.cutout_size)
+            images = augment(self.images[plan.order[positions]], plan, positions, orders, self.augmentation.cutout)
             if plan.mixing is not None:
                 rows = MixPlan(*(part[chunk.start:chunk.stop] for part in vars(plan.mixing).values()))
                 images = mix_images(images.view(len(chunk), per_rank, *images.shape[1:]), rows).flatten(0, 1)
@@ -429,7 +466,7 @@ class TrainLoader:
         labels = self.labels[plan.order[self.positions(range(start_step, self.steps_per_epoch))]]
         if plan.mixing is None:
             return labels
-        return mix_targets(labels, plan.mixing.weights[start_step:])
+        return mix_targets(labels, MixPlan(*(part[start_step:] for part in vars(plan.mixing).values())))
 
     def prepare(self, epoch):
         """Start augmenting `epoch` now, for its `batches` to take. On CUDA the work goes to a side stream, so
@@ -505,6 +542,14 @@ def split_validation(labels, val_size, seed=VALIDATION_SEED):
     return keep.nonzero().squeeze(1), val
 
 
+def split_fingerprint(indices, images, labels):
+    """16 hex digits that change if the held-out images, their labels or their places in the data set do."""
+    digest = hashlib.sha256()
+    for tensor in (indices, images, labels):
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 @dataclass
 class DataConfig:
     """What the loaders need to know about a run."""
@@ -518,9 +563,7 @@ class DataConfig:
     world_size: int = 1
     test_batch_size: int = 1000
     val_size: int = 0
-    cutout_size: int = 0
-    mixup: float = 0.0
-    cutmix: float = 0.0
+    augmentation: Augmentation = Augmentation()
     dtype: torch.dtype = torch.float32
 
 
@@ -536,10 +579,10 @@ def load_cifar100(config):
         train_indices, val_indices = split_validation(labels, config.val_size)
         val = EvalLoader(images[val_indices].to(device), labels[val_indices].to(device), config.test_batch_size,
                          config.rank, config.world_size, config.dtype)
-        val.fingerprint = hashlib.sha256(val_indices.numpy().tobytes()).hexdigest()[:16]
+        val.fingerprint = split_fingerprint(val_indices, images[val_indices], labels[val_indices])
         images, labels = images[train_indices], labels[train_indices]
     train = TrainLoader(images.to(device), labels.to(device), config.batch_size, config.seed, config.rank,
-                        config.world_size, config.dtype, config.cutout_size, config.mixup, config.cutmix)
+                        config.world_size, config.dtype, config.augmentation)
     test = EvalLoader(arrays.test_images.to(device), arrays.test_labels.to(device), config.test_batch_size,
                       config.rank, config.world_size, config.dtype)
     train.classes = test.classes = arrays.classes

@@ -173,16 +173,16 @@ def on_main_rank(runtime, action):
 
 
 def leave_together(runtime):
-    """After an error that every rank stopped on: wait for rank 0 to have said so, then exit with the same code.
+    """After an error or an interrupt every rank stopped on: wait for rank 0 to have said so, then exit alike.
     torchrun stops the remaining workers the moment one exits; that SIGTERM is ignored, as this rank is leaving."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     dist.barrier()
 
 
-def any_rank(flag, runtime):
-    """True on every rank if `flag` is true on any (a collective: every rank must call it)."""
+def max_over_ranks(value, runtime):
+    """The largest of every rank's `value`, a number (a collective: every rank must call it)."""
     if not runtime.distributed:
-        return flag
-    tensor = torch.tensor([float(flag)], device=runtime.device)
+        return value
+    tensor = torch.tensor([float(value)], device=runtime.device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor.item() > 0
+    return type(value)(tensor.item())

@@ -98,7 +98,7 @@ class WideResNet(nn.Module):
         )
         self.bn = nn.BatchNorm2d(widths[2])
         self.fc = nn.Linear(widths[2], num_classes)
-        reference_init(self)
+        wide_resnet_init(self)
 
     def forward(self, x):
         out = self.stages(self.conv1(x))
@@ -107,8 +107,10 @@ class WideResNet(nn.Module):
         return self.fc(out)
 
 
-def reference_init(model):
-    """The WRN authors' initialisation: He-normal (fan_out) convolutions, BatchNorm at identity, a zero classifier bias.
+def wide_resnet_init(model):
+    """He-normal (fan_out) convolutions, BatchNorm at identity, a zero classifier bias: the initialisation of the
+    widely used PyTorch WideResNet (xternalz/WideResNet-pytorch). The WRN authors' own code draws fan_in He-normal
+    convolutions and BatchNorm scales from U(0, 1).
 
     ResNet18 keeps PyTorch's default initialisation, as kuangliu/pytorch-cifar's does.
     """

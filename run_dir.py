@@ -1,8 +1,11 @@
 """The run folder and what it holds: checkpoints, metrics.csv, the lock.
 
-`RunDir` is the only code that knows the folder's layout. A save writes last.pt first, then
-best.pt and metrics.csv: last.pt is the commit point, and every start of a resumed run brings
-best.pt and metrics.csv up to it, so a kill between two writes loses nothing.
+`RunDir` is the only code that knows the folder's layout. A folder holds one run: every
+checkpoint carries the run's id, and a folder is continued only by a resume of the run it
+holds. A save writes last.pt first, then best.pt and metrics.csv: last.pt is the commit
+point, and every start of a resumed run brings best.pt and metrics.csv up to it, so a kill
+between two writes loses nothing. Importing this module does not load torch (reading and
+writing checkpoints does), so train.py can check a folder before it spends seconds on that.
 """
 import contextlib
 import csv
@@ -12,10 +15,9 @@ import os
 import pickle
 import re
 import sys
+import secrets
 import threading
 from pathlib import Path
-
-import torch
 
 CHECKPOINT_FORMAT = "cifar100-trainer/1"
 NUMBER = (int, float)
@@ -23,9 +25,11 @@ NUMBER = (int, float)
 CHECKPOINT_TYPES = {"format": str, "model_config": dict, "model": dict, "optimizer": dict, "scheduler": dict,
                     "epoch": int, "step": int, "best_top1": NUMBER, "early_stopping": dict, "history": list,
                     "args": dict, "rng": list}
-OPTIONAL_TYPES = {"ema": dict, "epoch_totals": dict, "val_split": str}  # None (or absent) when unused
+OPTIONAL_TYPES = {"ema": dict, "epoch_totals": dict, "val_split": str,  # None (or absent) when unused
+                  "run_id": str}  # absent from checkpoints written before runs had ids
 METRICS_COLUMNS = ("epoch", "epoch_seconds", "train_seconds", "images", "train_loss", "train_top1", "val_loss",
-                   "val_top1", "val_top5", "test_loss", "test_top1", "test_top5", "lr", "images_per_sec", "best")
+                   "val_top1", "val_top5", "test_loss", "test_top1", "test_top5", "raw_top1", "lr", "images_per_sec",
+                   "best")
 
 
 class CheckpointError(RuntimeError):
@@ -78,7 +82,12 @@ def atomic_write(path, data):
 # ---- checkpoints ----
 
 
+def new_run_id():
+    return secrets.token_hex(8)
+
+
 def checkpoint_bytes(checkpoint):
+    import torch
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
     return buffer.getbuffer()
@@ -86,6 +95,7 @@ def checkpoint_bytes(checkpoint):
 
 def load_checkpoint(path):
     """Load one of our checkpoints with weights_only=True; refuse anything else with a one-line reason."""
+    import torch
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
@@ -123,6 +133,8 @@ def check_entry_types(checkpoint, path):
     if checkpoint["epoch"] < 0 or checkpoint["step"] < 0 or not all(
             isinstance(row, dict) and set(row) <= set(METRICS_COLUMNS) for row in checkpoint["history"]):
         raise CheckpointError(f"{path} is damaged: its epoch, step or history rows are not what train.py writes")
+    if not 0 <= checkpoint["best_top1"] <= 1:  # NaN too: a best that no epoch could beat
+        raise CheckpointError(f"{path} is damaged: its best_top1 {checkpoint['best_top1']} is no fraction in [0, 1]")
 
 
 def is_a(value, kind):
@@ -152,24 +164,42 @@ def read_metrics(path):
 class RunDir:
     """One run's folder: its layout, its lock, and its writes.
 
-    `open` takes the lock, which is held until `close`; `save` writes a checkpoint from a
-    background thread (last.pt, then best.pt, then metrics.csv, each atomically), so the next
-    epoch starts at once; a failed write is raised, as a CheckpointError, by the next `save`
-    or `wait`. Only the process that opened the folder writes to it.
+    `claim` takes the lock before anything in the folder is read, and holds it until `close`;
+    `save` writes a checkpoint from a background thread (last.pt, then best.pt, then
+    metrics.csv, each atomically), so the next epoch starts at once; a failed write is raised,
+    as a CheckpointError, by the next `save` or `wait`. Only the process that claimed the
+    folder writes to it.
     """
 
     LAST, BEST, METRICS, LOCK = "last.pt", "best.pt", "metrics.csv", ".lock"
     PLOT, TENSORBOARD, PROBE = "metrics.png", "tensorboard", ".write-test"
+    OURS = (LAST, BEST, METRICS, PLOT, TENSORBOARD)  # any of them means the folder holds a run
 
     def __init__(self, path):
         self.path = Path(path)
         self.last, self.best, self.metrics = self.path / self.LAST, self.path / self.BEST, self.path / self.METRICS
         self.plot, self.tensorboard = self.path / self.PLOT, self.path / self.TENSORBOARD
         self.lock = self.thread = self.error = None
+        self.created = False
 
-    def open(self, resuming):
-        """Lock the folder for this run, check it can be written, and make it agree with last.pt."""
+    def held(self):
+        """The files of ours the folder holds, by name."""
+        return [name for name in self.OURS if (self.path / name).exists()]
+
+    def check_can_hold(self, source):
+        """Refuse what can be told without reading a checkpoint: a new run in a folder that holds one, a resume
+        of a checkpoint that is not there. Called again under the lock."""
+        if source is None and self.held():
+            raise CheckpointError(f"{self.path} holds a run ({', '.join(self.held())}): continue it with --resume, "
+                                  f"or start a new run in another --checkpoint-dir")
+        if source is not None and not Path(source).is_file():
+            raise CheckpointError(f"no checkpoint at {source}")
+
+    def claim(self, source=None):
+        """Lock the folder for this run and check it can be written; for a resume of `source`, read it and check
+        the folder holds that very run, or nothing. Returns the checkpoint to go on from; writes nothing."""
         try:
+            self.created = not self.path.exists()
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise CheckpointError(f"cannot create checkpoint folder {self.path}: {err.strerror or err}") from None
@@ -181,11 +211,44 @@ class RunDir:
         except CheckpointError as err:
             raise CheckpointError(f"checkpoint folder {self.path} is not writable ({err.reason})") from None
         probe.unlink()
-        if not resuming and self.last.exists():
-            raise CheckpointError(f"{self.last} exists: continue it with --resume, "
-                                  f"or start a new run in another --checkpoint-dir")
-        if resuming:
-            self.reconcile()
+        self.check_can_hold(source)
+        if source is None:
+            return None
+        checkpoint = load_checkpoint(source)
+        if not self.is_own(source):
+            self.check_holds_run_of(checkpoint, Path(source))
+        return checkpoint
+
+    def is_own(self, path):
+        return Path(path).resolve() == self.last.resolve()
+
+    def check_holds_run_of(self, checkpoint, source):
+        """A folder that holds a run goes on only from a checkpoint of that run, at or after where it stands."""
+        held = self.held()
+        if held:
+            here = load_checkpoint(self.last if self.last.exists() else self.best) if \
+                (self.last.exists() or self.best.exists()) else {}
+            if here.get("run_id") is None or here.get("run_id") != checkpoint.get("run_id"):
+                raise CheckpointError(f"{self.path} holds another run ({', '.join(held)}), not the one in {source}: "
+                                      f"continue {source} in a new --checkpoint-dir")
+            if self.last.exists() and position(here) > position(checkpoint):
+                raise CheckpointError(f"{source} is at {describe_position(checkpoint)}, behind {self.last} at "
+                                      f"{describe_position(here)} of the same run: resume {self.last}, or continue "
+                                      f"{source} in a new --checkpoint-dir")
+
+    def adopt(self, checkpoint=None, source=None):
+        """Make the folder hold the run this process goes on with: a resume from elsewhere copies `source` in as
+        last.pt (and, into a new folder, its folder's best.pt of the same run); then best.pt and metrics.csv are
+        brought up to last.pt."""
+        if source is None:
+            return
+        if not self.is_own(source):
+            new = not self.held()
+            atomic_write(self.last, Path(source).read_bytes())
+            best = Path(source).parent / self.BEST
+            if new and best.is_file() and run_id_of(best) == checkpoint.get("run_id"):
+                atomic_write(self.best, best.read_bytes())
+        self.reconcile()
 
     def take_lock(self):
         try:  # opened read-only: flock needs no more, and the folder's file system can still be remounted
@@ -195,6 +258,8 @@ class RunDir:
         try:
             fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(self.lock)
+            self.lock = None
             raise CheckpointError(f"another run is training in {self.path}: wait for it to end, "
                                   f"or use another --checkpoint-dir") from None
 
@@ -230,18 +295,30 @@ class RunDir:
     def save(self, checkpoint, is_best):
         """Write `checkpoint` (host tensors that training no longer changes) in the background."""
         self.wait()
-        self.thread = threading.Thread(target=self.write, args=(checkpoint, is_best), name="checkpoint-writer")
-        self.thread.start()
+        thread = threading.Thread(target=self.write, args=(checkpoint, is_best), name="checkpoint-writer")
+        try:
+            thread.start()
+        except RuntimeError as err:  # "can't start new thread" on a loaded machine
+            raise CheckpointError(f"could not start writing {self.last} ({err}); the previous {self.LAST}, if "
+                                  f"any, is untouched") from None
+        self.thread = thread
 
     def write(self, checkpoint, is_best):
+        """The writer thread: any failure, whatever its kind, is kept for `wait` to raise, naming the file."""
+        path = self.last
         try:
             data = checkpoint_bytes(checkpoint)
-            atomic_write(self.last, data)
+            atomic_write(path, data)
             if is_best:
-                atomic_write(self.best, data)
-            atomic_write(self.metrics, metrics_text(checkpoint["history"]).encode())
+                path = self.best
+                atomic_write(path, data)
+            path = self.metrics
+            atomic_write(path, metrics_text(checkpoint["history"]).encode())
         except CheckpointError as err:
             self.error = err
+        except BaseException as err:  # noqa: BLE001 - a MemoryError or a pickling error must not vanish
+            self.error = CheckpointError(f"could not write {path}: {type(err).__name__}: {err}; the previous "
+                                         f"{path.name}, if any, is untouched")
 
     def wait(self):
         """Until the last save is on disk; raises its error if it failed."""
@@ -253,10 +330,33 @@ class RunDir:
             raise error
 
     def close(self):
-        """Wait for the writes, then let another run have the folder."""
+        """Wait for the writes, then let another run have the folder. A folder this run left holding nothing of
+        its own (it failed before its first save) is not left behind with only its lock in it."""
         try:
             self.wait()
         finally:
             if self.lock is not None:
+                with contextlib.suppress(OSError):
+                    if [entry.name for entry in self.path.iterdir()] == [self.LOCK]:
+                        (self.path / self.LOCK).unlink()
+                        if self.created:
+                            self.path.rmdir()
                 os.close(self.lock)
                 self.lock = None
+
+
+def run_id_of(path):
+    """The run id in the checkpoint at `path`; None if it has none or cannot be read."""
+    try:
+        return load_checkpoint(path).get("run_id")
+    except CheckpointError:
+        return None
+
+
+def position(checkpoint):
+    return checkpoint["epoch"], checkpoint["step"]
+
+
+def describe_position(checkpoint):
+    epoch, step = position(checkpoint)
+    return f"epoch {epoch}" + (f", step {step} of epoch {epoch + 1}" if step else "")

@@ -13,10 +13,14 @@ STARTED = time.time()  # before the heavy imports, so "first step after" counts 
 import argparse
 import math
 import os
+import re
+import shlex
 import signal
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
+
+from run_dir import CheckpointError, RunDir, load_checkpoint
 
 PRESETS = {
     # ResNet18 to >= 73 % top-1 in the fewest seconds on one GPU; see README "Recipes".
@@ -43,6 +47,19 @@ def bounded(kind, low=None, high=None, low_open=False, high_open=False):
             raise argparse.ArgumentTypeError(f"{text} is outside {span}")
         return value
     return convert
+
+
+def non_empty(text):
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path names no folder")
+    return text
+
+
+def device_name(text):
+    """auto, cpu, mps, cuda or cuda:N, checked by its form alone (whether it exists needs torch)."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not auto, cpu, mps, cuda or cuda:N")
+    return text
 
 
 POSITIVE_INT = bounded(int, low=1)
@@ -91,19 +108,34 @@ def build_parser():
     optim.add_argument("--wd", "--weight-decay", dest="weight_decay", type=NON_NEGATIVE_FLOAT, default=5e-4,
                        help="weight decay")
     optim.add_argument("--label-smoothing", type=FRACTION, default=0.0, help="in [0, 1)")
+    optim.add_argument("--auto-augment", choices=["ta_wide", "ra"], default=None,
+                       help="TrivialAugment-Wide or RandAugment, each image with its own ops, in place of the "
+                            "rotation and colour jitter (None: off)")
+    optim.add_argument("--ra-num-ops", type=bounded(int, low=1, high=10), default=2, metavar="N",
+                       help="RandAugment's ops per image")
+    optim.add_argument("--ra-magnitude", type=bounded(int, low=0, high=30), default=9, metavar="M",
+                       help="RandAugment's magnitude, one of 31 bins")
     optim.add_argument("--cutout", type=bounded(int, low=0, high=32), default=0, metavar="SIZE",
-                       help="zero one SIZE x SIZE square per training image (0: off)")
+                       help="set a square of about SIZE x SIZE per training image to the mean colour, as the Cutout "
+                            "paper's code does (an odd SIZE cuts SIZE - 1) (0: off)")
     optim.add_argument("--mixup", type=NON_NEGATIVE_FLOAT, default=0.0, metavar="ALPHA",
-                       help="blend each training batch with itself reversed, images and targets, by a weight drawn "
-                            "per batch from Beta(ALPHA, ALPHA) (0: off)")
+                       help="blend each training image with another of its batch (a random pairing per batch), "
+                            "images and targets, by a weight drawn per batch from Beta(ALPHA, ALPHA) (0: off)")
     optim.add_argument("--cutmix", type=NON_NEGATIVE_FLOAT, default=0.0, metavar="ALPHA",
-                       help="paste a box of each training image's partner in the reversed batch into it, the targets "
-                            "weighted by area, the box's share drawn per batch from Beta(ALPHA, ALPHA); with --mixup, "
-                            "each batch uses one of the two (0: off)")
+                       help="paste a box of another image of the batch into each training image, the targets "
+                            "weighted by area, the box's share drawn per batch from Beta(ALPHA, ALPHA) (0: off)")
+    optim.add_argument("--cutmix-prob", type=bounded(float, low=0, high=1, low_open=True), default=None, metavar="P",
+                       help="the chance that a batch is CutMix; the others are mixed up with --mixup, else left "
+                            "unmixed (None: 1 alone, 0.5 beside --mixup)")
     optim.add_argument("--ema", type=bounded(float, low=0, high=1, high_open=True), default=0.0, metavar="DECAY",
                        help="also keep an exponential moving average of the weights, updated every step with this "
                             "decay; it is what is evaluated, saved as best.pt's choice and returned by load_model "
                             "(0: off)")
+    optim.add_argument("--sam", type=POSITIVE_FLOAT, default=None, metavar="RHO",
+                       help="sharpness-aware minimisation: each step's gradient is taken at the weights moved RHO "
+                            "uphill, two forward and backward passes per step (None: off)")
+    optim.add_argument("--asam", action="store_true",
+                       help="with --sam: the adaptive variant, the move scaled by each weight's size")
     optim.add_argument("--val-size", type=NON_NEGATIVE_INT, default=0, metavar="N",
                        help="hold out N training images (class-balanced, fixed split) to pick best.pt and stop "
                             "early on; the test set is then used only at the end (0: off)")
@@ -118,12 +150,13 @@ def build_parser():
                      help="continue from PATH (default <checkpoint-dir>/last.pt)")
     run.add_argument("--evaluate", nargs="?", const="", default=None, metavar="PATH",
                      help="test PATH (default <checkpoint-dir>/best.pt) and exit")
-    run.add_argument("--checkpoint-dir", default="checkpoint", help="checkpoints, metrics, plot, TensorBoard logs")
-    run.add_argument("--data-dir", default="data", help="where cifar-100-python/ is, or goes")
+    run.add_argument("--checkpoint-dir", type=non_empty, default="checkpoint",
+                     help="checkpoints, metrics, plot, TensorBoard logs")
+    run.add_argument("--data-dir", type=non_empty, default="data", help="where cifar-100-python/ is, or goes")
     run.add_argument("--no-download", action="store_true", help="never download CIFAR-100")
-    run.add_argument("--workers", type=POSITIVE_INT, default=None,
+    run.add_argument("--workers", type=bounded(int, low=1, high=os.cpu_count() or 1), default=None,
                      help="CPU threads for torch (None: torch's choice; the data needs no worker processes)")
-    run.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
+    run.add_argument("--device", type=device_name, default="auto", help="auto, cuda, cuda:N, mps or cpu")
     run.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                      help="auto: bf16 autocast on CUDA, fp32 elsewhere")
     run.add_argument("--compile", action="store_true", help="torch.compile the model (inductor kernels)")
@@ -153,9 +186,51 @@ def parse_args(argv=None):
         parser.error(f"--min-momentum {args.min_momentum} is above --momentum {args.momentum}")
     if args.nesterov and args.momentum == 0:
         parser.error("--nesterov needs a momentum above 0")
+    if args.sync_bn and (int(os.environ.get("WORLD_SIZE", "1")) < 2 or args.device in ("cpu", "mps")):
+        parser.error("--sync-bn needs several processes on CUDA GPUs (torchrun)")
     if (args.depth - 4) % 6:
         parser.error(f"argument --depth: {args.depth} is not 6n+4 (10, 16, 22, 28, ...)")
+    for flag, needs, value in (("cutmix_prob", "cutmix", None), ("asam", "sam", None),
+                               ("ra_num_ops", "auto_augment", "ra"), ("ra_magnitude", "auto_augment", "ra")):
+        if flag in explicit and not (getattr(args, needs) if value is None else getattr(args, needs) == value):
+            parser.error(f"--{flag.replace('_', '-')} needs --{needs.replace('_', '-')}{' ' + value if value else ''}")
+    if args.cutmix_prob is None:
+        args.cutmix_prob = 0.5 if args.mixup else 1.0
     return args, explicit
+
+
+def checkpoint_path(given, checkpoint_dir, name):
+    """The checkpoint --resume or --evaluate names: PATH, a run folder's `name`, or the --checkpoint-dir's."""
+    path = Path(given) if given else Path(checkpoint_dir) / name
+    return path / name if path.is_dir() else path
+
+
+def run_folder(args, explicit):
+    """(the checkpoint a run resumes or None, the folder it trains in): a resume goes on in its checkpoint's
+    folder unless --checkpoint-dir says otherwise."""
+    if args.resume is None:
+        return None, Path(args.checkpoint_dir)
+    source = checkpoint_path(args.resume, args.checkpoint_dir, RunDir.LAST)
+    return source, Path(args.checkpoint_dir) if "checkpoint_dir" in explicit else source.parent
+
+
+def first_look(args, explicit):
+    """What can be told from the file system alone, before torch loads: a missing checkpoint, a folder that
+    already holds a run. Checked again under the folder's lock."""
+    if args.evaluate is not None:
+        path = checkpoint_path(args.evaluate, args.checkpoint_dir, RunDir.BEST)
+        if not path.is_file():
+            raise CheckpointError(f"no checkpoint at {path}")
+        return
+    source, folder = run_folder(args, explicit)
+    RunDir(folder).check_can_hold(source)
+
+
+def fail(error, code=1):
+    """One line on standard error; under torchrun only once, by rank 0, for an error every rank stopped on."""
+    if not getattr(error, "shown_by_rank_0", False):
+        print(f"error: {error}", file=sys.stderr)
+    return code
 
 
 def quit_while_starting(signum, frame):
@@ -164,17 +239,21 @@ def quit_while_starting(signum, frame):
 
 
 if __name__ == "__main__":
-    parse_args()  # answers --help and flag errors now, before the imports below spend seconds loading torch
+    try:  # flag errors, and what the file system alone tells, before the imports below spend seconds on torch
+        first_look(*parse_args())
+    except CheckpointError as err:
+        err.shown_by_rank_0 = os.environ.get("RANK", "0") != "0"  # under torchrun every rank stops, one says why
+        sys.exit(fail(err))
     signal.signal(signal.SIGINT, quit_while_starting)  # Ctrl-C while torch loads: one line, not a traceback
 
 import torch  # noqa: E402
 
 from dataset_utils import DataConfig, DataError, EvalLoader, load_cifar100, read_cifar100  # noqa: E402
-from device_utils import (DeviceError, input_dtype, leave_together, resolve_precision, setup_runtime,  # noqa: E402
-                          teardown_runtime)
-from run_dir import CheckpointError, RunDir, load_checkpoint  # noqa: E402
-from train_utils import (Config, NonFiniteLossError, build_run, check_model_config, describe_model_config,  # noqa: E402
-                         evaluate, fit, model_from_checkpoint, seed_everything, show, test_final_and_best)
+from device_utils import (DeviceError, input_dtype, leave_together, on_main_rank, resolve_precision,  # noqa: E402
+                          setup_runtime, teardown_runtime)
+from train_utils import (Config, EarlyStopping, NonFiniteLossError, build_run, check_model_config,  # noqa: E402
+                         describe_model_config, evaluate, fit, model_from_checkpoint, say, seed_everything, show,
+                         test_final_and_best)
 
 USER_ERRORS = (CheckpointError, DataError, DeviceError, NonFiniteLossError)
 
@@ -189,7 +268,10 @@ def main(argv=None):
     try:
         if args.evaluate is not None:
             return evaluate_checkpoint(args, explicit, runtime)
-        return train(args, explicit, runtime)
+        code = train(args, explicit, runtime)
+        if code and runtime.distributed:  # an interrupt every rank agreed on: rank 0 has saved and said so
+            leave_together(runtime)
+        return code
     except USER_ERRORS as err:
         code = fail(err)
         if getattr(err, "every_rank_stops", False):
@@ -201,13 +283,6 @@ def main(argv=None):
         teardown_runtime(runtime)
 
 
-def fail(error, code=1):
-    """One line on standard error; under torchrun only once, by rank 0, for an error every rank stopped on."""
-    if not getattr(error, "shown_by_rank_0", False):
-        print(f"error: {error}", file=sys.stderr)
-    return code
-
-
 def resumed_config(args, explicit, checkpoint, path):
     """The settings of a run going on from `checkpoint`: its own, with the flags given now that may change."""
     config = Config.from_flags(args).resumed_from(checkpoint["args"], explicit, path)
@@ -216,14 +291,40 @@ def resumed_config(args, explicit, checkpoint, path):
 
 
 def train(args, explicit, runtime):
-    config, resumed = Config.from_flags(args), None
-    if args.resume is not None:
-        path = Path(args.resume or RunDir(args.checkpoint_dir).last)
-        checkpoint = load_checkpoint(path)
-        config = resumed_config(args, explicit, checkpoint, path)
-        if "checkpoint_dir" not in explicit:  # the run goes on in the folder of the checkpoint it resumes
-            config = replace(config, checkpoint_dir=str(path.parent))
-        resumed = (checkpoint, path)
+    source, folder = run_folder(args, explicit)
+    run_dir = RunDir(folder)
+    try:
+        checkpoint = on_main_rank(runtime, lambda: run_dir.claim(source))  # the lock first, then any read
+        config, resumed = Config.from_flags(args), None
+        if source is not None:
+            checkpoint = checkpoint if runtime.is_main else load_checkpoint(source)
+            config, resumed = resumed_config(args, explicit, checkpoint, source), (checkpoint, source)
+        config = replace(config, checkpoint_dir=str(folder))
+        return train_with(run_dir, config, runtime, resumed, resume_command(run_dir.last, explicit))
+    finally:
+        run_dir.close()  # every write has finished: another run may use the folder now
+
+
+def resume_command(last, explicit):
+    """The command that continues this run: the launcher it runs under, and this command's own settings given."""
+    launcher = ["python", "train.py"]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        processes = os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
+        launcher = ["torchrun", "--standalone", f"--nproc_per_node={processes}", "train.py"]
+        if processes != os.environ["WORLD_SIZE"]:  # several nodes: their rendezvous is the user's to repeat
+            launcher = ["torchrun", f"--nnodes={int(os.environ['WORLD_SIZE']) // int(processes)}",
+                        f"--nproc_per_node={processes}", "...", "train.py"]
+    flags = []
+    for setting in fields(Config):
+        value = explicit.get(setting.name)
+        if setting.metadata.get("on_resume") != "this command's" or setting.name == "checkpoint_dir" or \
+                value in (None, False):
+            continue
+        flags += ["--" + setting.name.replace("_", "-")] + ([] if value is True else [str(value)])
+    return shlex.join([*launcher, "--resume", str(last), *flags])
+
+
+def train_with(run_dir, config, runtime, resumed, resume_hint):
     if config.sync_bn and runtime.device.type != "cuda":
         raise DeviceError("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU implementation)")
     if config.workers:
@@ -233,16 +334,11 @@ def train(args, explicit, runtime):
     precision = resolve_precision(runtime.device, config.precision)
     loaders = load_cifar100(DataConfig(
         config.batch_size, config.data_dir, not config.no_download, runtime.device, config.seed, runtime.rank,
-        runtime.world_size, config.test_batch_size, config.val_size, cutout_size=config.cutout, mixup=config.mixup,
-        cutmix=config.cutmix, dtype=input_dtype(precision)))
-    run_dir = RunDir(config.checkpoint_dir)
-    try:
-        return train_in(run_dir, config, runtime, loaders, resumed)
-    finally:
-        run_dir.close()  # every write has finished: another run may use the folder now
+        runtime.world_size, config.test_batch_size, config.val_size, config.augmentation, input_dtype(precision)))
+    return train_in(run_dir, config, runtime, loaders, resumed, resume_hint)
 
 
-def train_in(run_dir, config, runtime, loaders, resumed):
+def train_in(run_dir, config, runtime, loaders, resumed, resume_hint):
     run = build_run(config, runtime, loaders, run_dir, resumed)
     if runtime.is_main:
         show(describe_run(run, resumed), run.interrupt)
@@ -260,8 +356,8 @@ def train_in(run_dir, config, runtime, loaders, resumed):
     if runtime.is_main:
         show(describe_outcome(run, outcome, time.perf_counter() - started, final_tests), run.interrupt)
         if outcome == "interrupted":
-            print(f"stopped at epoch {run.state.epoch + 1}, step {run.state.step}; checkpoint saved. Resume with:\n"
-                  f"  python train.py --resume {run_dir.last}", file=sys.stderr)
+            say(f"stopped at epoch {run.state.epoch + 1}, step {run.state.step}; checkpoint saved. Resume with:\n"
+                f"  {resume_hint}")
         if config.plot and run.state.history:
             draw_plot(run_dir)
     return 128 + run.interrupt.signum if outcome == "interrupted" else 0
@@ -279,8 +375,22 @@ def describe_run(run, resumed):
              f"training on {len(run.train_loader.images):,} images; best.pt and early stopping judged on the "
              f"{run.selection_split} set"]
     if resumed is not None:
-        lines.append(f"resumed from {resumed[1]} at epoch {run.state.epoch + 1}, step {run.state.step}")
+        lines.append(f"resumed from {resumed[1]} at epoch {run.state.epoch + 1}, step {run.state.step}"
+                     + describe_early_stop(run, resumed[0]))
     return "\n".join(lines)
+
+
+def describe_early_stop(run, checkpoint):
+    """Whether a resumed run had stopped early, and whether the target and patience given now keep it stopped."""
+    saved = checkpoint["args"]
+    before = EarlyStopping(saved.get("target_accuracy"), saved.get("patience", 2))
+    before.load_state_dict(checkpoint["early_stopping"])
+    if run.early_stopping.should_stop:
+        return f"; it stopped early at epoch {run.state.epoch} and its target still holds: nothing to train"
+    if before.should_stop:
+        return (f"; it had stopped early at epoch {run.state.epoch}, and goes on with --target-accuracy "
+                f"{run.config.target_accuracy} --patience {run.config.patience}")
+    return ""
 
 
 def plural(count, noun):
@@ -319,7 +429,7 @@ def describe_outcome(run, outcome, seconds, final_tests=None):
 
 def evaluate_checkpoint(args, explicit, runtime):
     """--evaluate: test a checkpoint's model on the test set and print its accuracy next to the stored best."""
-    path = Path(args.evaluate or RunDir(args.checkpoint_dir).best)
+    path = checkpoint_path(args.evaluate, args.checkpoint_dir, RunDir.BEST)
     checkpoint = load_checkpoint(path)
     config = resumed_config(args, explicit, checkpoint, path)
     model = model_from_checkpoint(checkpoint, path, runtime.device)

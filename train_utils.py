@@ -22,11 +22,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dataset_utils import NUM_CLASSES
-from device_utils import (all_reduce_sum, any_rank, autocast, broadcast_from_main, distribute_model, on_main_rank,
-                          resolve_precision, synchronize)
+from dataset_utils import NUM_CLASSES, Augmentation
+from device_utils import (all_reduce_sum, autocast, broadcast_from_main, distribute_model, max_over_ranks,
+                          on_main_rank, resolve_precision, synchronize)
 from model import build_model
-from run_dir import CHECKPOINT_FORMAT, NUMBER, CheckpointError, is_a, load_checkpoint
+from run_dir import CHECKPOINT_FORMAT, NUMBER, CheckpointError, is_a, load_checkpoint, new_run_id
 
 SYNC_POINTS_PER_EPOCH = 10
 
@@ -68,9 +68,15 @@ class Config:
     nesterov: bool
     weight_decay: float
     label_smoothing: float
+    auto_augment: str | None
+    ra_num_ops: int
+    ra_magnitude: int
     cutout: int
     mixup: float
     cutmix: float
+    cutmix_prob: float
+    sam: float | None
+    asam: bool
     ema: float
     val_size: int
     seed: int
@@ -111,6 +117,11 @@ class Config:
                 raise CheckpointError(f"{path} was trained with {flag} {saved[name]}; refusing {flag} {given[name]} "
                                       f"(start a new run in another --checkpoint-dir instead)")
         return replace(self, **merged)
+
+    @property
+    def augmentation(self):
+        return Augmentation(self.cutout, self.mixup, self.cutmix, self.cutmix_prob, self.auto_augment,
+                            self.ra_num_ops, self.ra_magnitude)
 
     @property
     def model_config(self):
@@ -205,7 +216,9 @@ def lr_to_float(optimizer):
 
 class WeightAverage:
     """An exponential moving average of a model's weights and BatchNorm statistics, updated after every step:
-    average = decay * average + (1 - decay) * current. `model` is the averaged copy, evaluated and saved."""
+    average = decay_n * average + (1 - decay_n) * current, where decay_n = min(decay, (1 + n) / (10 + n)) after n
+    updates (timm's warm-up), so the random starting weights fade within the first steps whatever the decay.
+    `model` is the averaged copy, evaluated and saved."""
 
     def __init__(self, model, decay):
         self.decay = decay
@@ -214,13 +227,64 @@ class WeightAverage:
         self.averaged = [mine for mine, theirs in pairs if mine.is_floating_point()]
         self.current = [theirs for mine, theirs in pairs if mine.is_floating_point()]
         self.counters = [(mine, theirs) for mine, theirs in pairs if not mine.is_floating_point()]
+        self.updates = torch.zeros((), device=self.averaged[0].device)  # on the device: a CUDA graph counts them
 
     @torch.no_grad()
     def update(self):
-        # One fused launch for every tensor (the same call torch.optim.swa_utils makes for an EMA).
-        torch._foreach_lerp_(self.averaged, self.current, 1 - self.decay)
+        decay = torch.clamp((1 + self.updates) / (10 + self.updates), max=self.decay)
+        self.updates += 1
+        steps = torch._foreach_sub(self.current, self.averaged)  # a few fused launches for every tensor
+        torch._foreach_mul_(steps, 1 - decay)
+        torch._foreach_add_(self.averaged, steps)
         for mine, theirs in self.counters:
             mine.copy_(theirs)
+
+
+def vector_norm(tensors):
+    """The 2-norm of all `tensors` together, computed on their device."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+
+
+class SharpnessAware:
+    """SAM (Foret et al., 2021): the gradient a step uses is taken again at the weights moved `rho` along the
+    normalised gradient; ASAM (Kwon et al., 2021) scales that move by each weight's size, as the SAM authors'
+    reference code does. The plain step then moves the original weights, with its own weight decay and momentum.
+    BatchNorm's running statistics come from the first pass alone."""
+
+    def __init__(self, model, rho, adaptive=False):
+        self.rho, self.adaptive = rho, adaptive
+        self.parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        self.batch_norms = [module for module in model.modules()
+                            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats]
+
+    @torch.no_grad()
+    def climb(self):
+        """Move the weights uphill along this pass's gradients; returns the weights to come back to."""
+        start = [parameter.detach().clone() for parameter in self.parameters]
+        gradients = [parameter.grad for parameter in self.parameters]
+        if self.adaptive:  # the norm of |w| * g, and a move along w^2 * g
+            norm = vector_norm(torch._foreach_mul(torch._foreach_abs(self.parameters), gradients))
+            gradients = torch._foreach_mul(torch._foreach_pow(self.parameters, 2), gradients)
+        else:
+            norm = vector_norm(gradients)
+        moves = torch._foreach_mul(gradients, self.rho / (norm + 1e-12))
+        torch._foreach_add_(self.parameters, moves)
+        return start
+
+    @torch.no_grad()
+    def come_back(self, start):
+        torch._foreach_copy_(self.parameters, start)
+
+    @contextlib.contextmanager
+    def statistics_kept(self):
+        """Normalise by the batch's own statistics without updating the running ones (nor their counters)."""
+        for module in self.batch_norms:
+            module.track_running_stats = False
+        try:
+            yield
+        finally:
+            for module in self.batch_norms:
+                module.track_running_stats = True
 
 
 # ---- the loops ----
@@ -229,11 +293,13 @@ class WeightAverage:
 class Interrupt:
     """The first SIGINT, SIGTERM or SIGHUP asks the loop to stop at a step boundary; a second one quits at once.
 
-    A closed standard output (`python train.py | head`) stops the run the same way, as SIGPIPE would.
+    A closed standard output (`python train.py | head`) stops the run the same way, as SIGPIPE would. Under
+    torchrun a signal may reach some ranks only: `agreed` tells every rank, with the signal that came.
     """
 
-    def __init__(self):
+    def __init__(self, announce=True):
         self.signum = None
+        self.announce = announce  # rank 0 says what happens; under torchrun each rank gets the launcher's signal
 
     def install(self):
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: a closed terminal, a batch system
@@ -243,17 +309,32 @@ class Interrupt:
         if self.signum is not None:
             os._exit(128 + signum)  # safe: every file is written to a temporary name and renamed
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (again to quit at once)",
-              file=sys.stderr, flush=True)
+        if self.announce:
+            say(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (again to quit at once)")
 
     def output_closed(self):
         if self.signum is None:
             self.signum = signal.SIGPIPE
-            print("note: standard output was closed: saving a checkpoint and stopping", file=sys.stderr, flush=True)
+            say("note: standard output was closed: saving a checkpoint and stopping")
 
     @property
     def requested(self):
         return self.signum is not None
+
+    def agreed(self, runtime):
+        """Whether any rank was asked to stop (a collective: every rank must call it)."""
+        signum = max_over_ranks(self.signum or 0, runtime)
+        if signum and self.signum is None:
+            self.signum = signum
+        return signum > 0
+
+
+def say(text):
+    """A note on standard error, which may be closed too: then it goes nowhere."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except (BrokenPipeError, ValueError, OSError):
+        pass
 
 
 def show(text, interrupt=None):
@@ -300,9 +381,9 @@ class TrainStep:
     kind = planned = "eager"  # `kind`: the step that ran; `planned`: the one asked for
     graph = None
 
-    def __init__(self, model, optimizer, criterion, device, precision, average=None):
+    def __init__(self, model, optimizer, criterion, device, precision, average=None, sharpness=None):
         self.model, self.optimizer, self.criterion = model, optimizer, criterion
-        self.device, self.precision, self.average = device, precision, average
+        self.device, self.precision, self.average, self.sharpness = device, precision, average, sharpness
         self.sums = torch.zeros(4, device=device)
         self.setup_seconds = 0.0  # the process's first step and the graph capture: start-up, not training
         self.first_step_at = None  # time.time() when the process's first step had finished
@@ -316,22 +397,33 @@ class TrainStep:
         self.forward_backward_update(images, labels)
 
     def forward_backward_update(self, images, labels):
-        with autocast(self.device, self.precision, cache=False):
-            logits = self.model(images)
-            loss = self.criterion(logits, labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, logits = self.forward_backward(images, labels)
+        if self.sharpness is not None:
+            start = self.sharpness.climb()
+            with self.sharpness.statistics_kept():
+                self.forward_backward(images, labels)
+            self.sharpness.come_back(start)
         self.optimizer.step()
         if self.average is not None:
             self.average.update()
         self.record(loss.detach(), logits.detach(), labels)
 
+    def forward_backward(self, images, labels):
+        with autocast(self.device, self.precision, cache=False):
+            logits = self.model(images)
+            loss = self.criterion(logits, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss, logits
+
     def record(self, loss, logits, labels):
         first_bad = torch.where((self.sums[3] < 0) & ~loss.isfinite(), self.sums[2], self.sums[3])
-        if labels.dim() == 2:  # mixed targets (--mixup, --cutmix): a hit is the class with the larger share
-            labels = labels.argmax(1)
-        self.sums[:3] += torch.stack([loss.float() * len(labels), (logits.argmax(1) == labels).sum().float(),
-                                      torch.ones((), device=self.device)])
+        predicted = logits.argmax(1, keepdim=True)
+        if labels.dim() == 2:  # mixed targets (--mixup, --cutmix): a hit counts the predicted class's share
+            hits = labels.gather(1, predicted).sum()
+        else:
+            hits = (predicted.squeeze(1) == labels).sum()
+        self.sums[:3] += torch.stack([loss.float() * len(labels), hits.float(), torch.ones((), device=self.device)])
         self.sums[3] = first_bad
 
 
@@ -348,8 +440,8 @@ class GraphedTrainStep(TrainStep):
     WARMUP_STEPS = 3
     planned = "CUDA graph"
 
-    def __init__(self, model, optimizer, criterion, device, precision, average=None):
-        super().__init__(model, optimizer, criterion, device, precision, average)
+    def __init__(self, model, optimizer, criterion, device, precision, average=None, sharpness=None):
+        super().__init__(model, optimizer, criterion, device, precision, average, sharpness)
         for group in optimizer.param_groups:
             group["lr"] = torch.tensor(float(group["lr"]), device=device)
         self.graph, self.eager_steps, self.failed = None, 0, False
@@ -436,9 +528,9 @@ def uses_cuda_graphs(runtime, cuda_graphs=True):
     return cuda_graphs and runtime.device.type == "cuda" and not runtime.distributed
 
 
-def make_train_step(model, optimizer, criterion, runtime, precision, cuda_graphs=True, average=None):
+def make_train_step(model, optimizer, criterion, runtime, precision, cuda_graphs=True, average=None, sharpness=None):
     step_class = GraphedTrainStep if uses_cuda_graphs(runtime, cuda_graphs) else TrainStep
-    return step_class(model, optimizer, criterion, runtime.device, precision, average)
+    return step_class(model, optimizer, criterion, runtime.device, precision, average, sharpness)
 
 
 def train_one_epoch(run, show_progress=None):
@@ -480,7 +572,7 @@ def train_one_epoch(run, show_progress=None):
             if first_bad_step >= 0:
                 raise NonFiniteLossError(f"the training loss became NaN or infinite at epoch {epoch + 1}, "
                                          f"step {int(first_bad_step) + 1}")
-            if any_rank(interrupt.requested, runtime) and not last_step:
+            if interrupt.agreed(runtime) and not last_step:
                 stopped_at_step = step + 1
                 break
             elapsed = time.perf_counter() - started - (train_step.setup_seconds - setup_at_start)
@@ -617,8 +709,9 @@ def damage_reported(path, part):
 
 
 def seed_everything(seed):
+    """Seed every generator; `seed` may exceed NumPy's 32 bits (--seed plus a rank or an epoch), which wraps."""
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # seeds every CUDA device too
 
 
@@ -663,6 +756,7 @@ class RunState:
     epoch_totals: dict = None  # that partial epoch's running sums, added over ranks
     best_top1: float = 0.0
     history: list = field(default_factory=list)  # one metrics row per epoch
+    run_id: str = field(default_factory=new_run_id)  # the same in every checkpoint of one run, through resumes
 
 
 @dataclass
@@ -695,6 +789,11 @@ class Run:
     def selection_split(self):
         return "val" if self.val_loader is not None else "test"
 
+    @property
+    def selection_loader(self):
+        """What picks best.pt and stops early: the validation split, or the test set without one."""
+        return self.val_loader if self.val_loader is not None else self.test_loader
+
 
 def build_run(config, runtime, loaders, run_dir=None, resumed=None):
     """The run, ready to train: model, optimizer and schedule built, restored from `resumed` (a loaded checkpoint
@@ -718,19 +817,20 @@ def build_run(config, runtime, loaders, run_dir=None, resumed=None):
         check_same_split(*resumed, val_loader)
         state = restore(*resumed, model, optimizer, scheduler, average, early_stopping, runtime,
                         train_loader.steps_per_epoch, config.seed)
-    if run_dir is not None:
-        on_main_rank(runtime, lambda: run_dir.open(resuming=resumed is not None))
+    if run_dir is not None and resumed is not None:  # the checkpoint fits: the folder may now take it in
+        on_main_rank(runtime, lambda: run_dir.adopt(*resumed))
     training_model = distribute_model(model, runtime)
     if config.compile:
         training_model = torch.compile(training_model)
     cuda_graphs = not config.no_cuda_graphs and momentum_bounds is None  # a captured step keeps its momentum
+    sharpness = SharpnessAware(model, config.sam, config.asam) if config.sam else None
     train_step = make_train_step(training_model, optimizer, make_criterion(config.label_smoothing), runtime,
-                                 precision, cuda_graphs, average)
+                                 precision, cuda_graphs, average, sharpness)
     tensorboard = None
     if config.tensorboard and run_dir is not None and runtime.is_main:
         tensorboard = open_tensorboard(run_dir.tensorboard)
     return Run(config, runtime, precision, training_model, optimizer, scheduler, average, train_step, train_loader,
-               val_loader, test_loader, run_dir, early_stopping, state, tensorboard)
+               val_loader, test_loader, run_dir, early_stopping, state, tensorboard, Interrupt(runtime.is_main))
 
 
 def split_fingerprint(val_loader):
@@ -780,6 +880,8 @@ def report_failed_write(run_dir):
 
 def train_epochs(run):
     while run.state.epoch < run.config.epochs:
+        if run.early_stopping.should_stop:  # before training, too: a resumed run may have stopped early already
+            return "early-stopped"
         totals, stopped_at_step = train_one_epoch(run)
         if stopped_at_step is not None:
             run.state.step, run.state.epoch_totals = stopped_at_step, reduce_totals(totals, run.runtime)
@@ -787,11 +889,9 @@ def train_epochs(run):
             return "interrupted"
         check_state_is_finite(unwrap_model(run.model), run.state.epoch)
         finish_epoch(run, summarize_epoch(totals, run.runtime))
-        if any_rank(run.interrupt.requested, run.runtime):
+        if run.interrupt.agreed(run.runtime):
             return "interrupted"
-        if run.early_stopping.should_stop:
-            return "early-stopped"
-    return "finished"
+    return "early-stopped" if run.early_stopping.should_stop else "finished"
 
 
 def check_state_is_finite(model, epoch):
@@ -811,10 +911,8 @@ def resumed_totals(run):
 def finish_epoch(run, train_result):
     """Evaluate on the selection split, record, checkpoint and print one finished epoch (saved before it is shown,
     so that a closed output loses nothing)."""
-    if run.average is not None:  # each rank's average has its own BatchNorm statistics: evaluate and save rank 0's
-        broadcast_from_main(run.average.model.state_dict().values(), run.runtime)
-    evaluation = evaluate(run.evaluated_model, run.val_loader or run.test_loader, run.runtime, run.precision,
-                          run.config.tta)
+    use_rank_0s_state(run)
+    evaluation = evaluate(run.evaluated_model, run.selection_loader, run.runtime, run.precision, run.config.tta)
     if not math.isfinite(evaluation.loss):
         raise NonFiniteLossError(f"the model's {run.selection_split} loss became NaN or infinite after epoch "
                                  f"{run.state.epoch + 1}")
@@ -828,6 +926,9 @@ def finish_epoch(run, train_result):
            "train_loss": round(train_result.loss, 5), "train_top1": round(train_result.top1, 5),
            **evaluation_columns(run.selection_split, evaluation), "lr": run.train_step.last_lr,
            "images_per_sec": round(train_result.images_per_sec, 1), "best": int(is_best)}
+    if run.average is not None:  # the raw weights beside their average
+        raw = evaluate(unwrap_model(run.model), run.selection_loader, run.runtime, run.precision, run.config.tta)
+        row["raw_top1"] = round(raw.top1, 5)
     state.history.append(row)
     if is_best:
         run.best_weights = snapshot_to_host(run.evaluated_model.state_dict())
@@ -835,6 +936,15 @@ def finish_epoch(run, train_result):
     if run.runtime.is_main:
         show(format_epoch_line(row, run.config.epochs, run.selection_split), run.interrupt)
         log_tensorboard(run.tensorboard, row)
+
+
+def use_rank_0s_state(run):
+    """Evaluate rank 0's model on every rank, the one that is saved: BatchNorm statistics are each rank's own (so
+    are a weight average's), the weights themselves agree."""
+    tensors = list(unwrap_model(run.model).buffers())
+    if run.average is not None:
+        tensors += list(run.average.model.state_dict().values())
+    broadcast_from_main(tensors, run.runtime)
 
 
 def evaluation_columns(split, evaluation):
@@ -854,8 +964,9 @@ def test_final_and_best(run):
 
 
 def format_epoch_line(row, epochs, split="test"):
+    raw = f" (raw {100 * row['raw_top1']:5.2f}%)" if "raw_top1" in row else ""
     return (f"epoch {row['epoch']:>3}/{epochs} | {row['epoch_seconds']:6.1f}s | train loss {row['train_loss']:.4f} | "
-            f"{split} loss {row[f'{split}_loss']:.4f} | top-1 {100 * row[f'{split}_top1']:5.2f}% | "
+            f"{split} loss {row[f'{split}_loss']:.4f} | top-1 {100 * row[f'{split}_top1']:5.2f}%{raw} | "
             f"top-5 {100 * row[f'{split}_top5']:5.2f}% | lr {row['lr']:.5f} | {row['images_per_sec']:,.0f} img/s"
             + (" | new best" if row["best"] else ""))
 
@@ -864,7 +975,7 @@ def log_tensorboard(writer, row):
     if writer is None:
         return
     for key in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "test_loss", "test_top1", "test_top5",
-                "lr", "images_per_sec"):
+                "raw_top1", "lr", "images_per_sec"):
         if key in row:
             writer.add_scalar(key, row[key], row["epoch"])
     writer.flush()
@@ -888,6 +999,7 @@ def checkpoint_of(run, rng_states):
         "epoch_totals": state.epoch_totals, "best_top1": state.best_top1,
         "early_stopping": run.early_stopping.state_dict(), "history": list(state.history),
         "args": asdict(run.config), "rng": rng_states, "val_split": split_fingerprint(run.val_loader),
+        "run_id": state.run_id,
     })
 
 
@@ -942,6 +1054,8 @@ def restore(checkpoint, path, model, optimizer, scheduler, average, early_stoppi
         if scheduler.last_epoch != checkpoint["epoch"] * steps_per_epoch + checkpoint["step"]:
             raise ValueError(f"it stands at step {scheduler.last_epoch}, not at epoch {checkpoint['epoch']} "
                              f"step {checkpoint['step']}")
+    if average is not None:
+        average.updates.fill_(scheduler.last_epoch)  # one update per step so far
     with damage_reported(path, "early-stopping record"):
         early_stopping.load_state_dict(checkpoint["early_stopping"])
         if not all(is_a(top1, NUMBER) for top1 in early_stopping.top1_history):
@@ -953,4 +1067,4 @@ def restore(checkpoint, path, model, optimizer, scheduler, average, early_stoppi
         else:  # another number of processes: draws cannot match the old run anyway, so only keep ranks apart
             seed_everything(seed + 1000 * checkpoint["epoch"] + runtime.rank)
     return RunState(checkpoint["epoch"], checkpoint["step"], checkpoint.get("epoch_totals"),
-                    float(checkpoint["best_top1"]), list(checkpoint["history"]))
+                    float(checkpoint["best_top1"]), list(checkpoint["history"]), checkpoint.get("run_id") or new_run_id())

@@ -7,20 +7,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dataset_utils import EvalLoader, TrainLoader  # noqa: E402
+from dataset_utils import Augmentation, EvalLoader, TrainLoader  # noqa: E402
 from device_utils import Runtime  # noqa: E402
 from model import build_model  # noqa: E402
 from train import parse_args  # noqa: E402
-from train_utils import (Config, WeightAverage, build_run, make_criterion, make_optimizer, make_scheduler,  # noqa: E402
-                         make_train_step, train_one_epoch)
+from train_utils import (Config, SharpnessAware, WeightAverage, build_run, make_criterion, make_optimizer,  # noqa: E402
+                         make_scheduler, make_train_step, train_one_epoch)
 
 
-def two_identical_steps(graphed, criterion=None):
+def two_identical_steps(graphed, criterion=None, rho=None):
     torch.manual_seed(0)
     model = build_model("wideresnet", depth=10, widen_factor=2).cuda().to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, lr=0.05, nesterov=True)
+    sharpness = SharpnessAware(model, rho) if rho else None
     step = make_train_step(model, optimizer, criterion or make_criterion(0.1), Runtime(torch.device("cuda")), "bf16",
-                           cuda_graphs=graphed, average=WeightAverage(model, 0.9))
+                           cuda_graphs=graphed, average=WeightAverage(model, 0.9), sharpness=sharpness)
     return model, optimizer, step
 
 
@@ -41,11 +42,13 @@ def train_on(batches, step, optimizer):
     torch.cuda.synchronize()
 
 
-def check_graph_replays_match_eager_steps():
+def check_graph_replays_match_eager_steps(rho=None):
+    """Also with SAM (`rho`): both passes, the climb and the return inside the graph."""
+    rho = rho and float(rho)
     batches = fixed_batches(12)
     results = []
     for graphed in (False, True):
-        model, optimizer, step = two_identical_steps(graphed)
+        model, optimizer, step = two_identical_steps(graphed, rho=rho)
         train_on(batches, step, optimizer)
         assert graphed == (step.graph is not None), "the graph was not captured"
         weights = [*model.parameters(), *step.average.model.parameters()]  # the trained and the averaged weights
@@ -62,11 +65,11 @@ def check_graph_replays_match_eager_steps():
     assert eager_lr == pytest.approx(replayed_lr)
 
 
-def random_loader(count=8192, batch_size=256, **augmentation):
+def random_loader(count=8192, batch_size=256, augmentation=Augmentation()):
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=generator).cuda()
     labels = torch.randint(0, 100, (count,), generator=generator).cuda()
-    return TrainLoader(images, labels, batch_size, seed=1, dtype=torch.bfloat16, **augmentation)
+    return TrainLoader(images, labels, batch_size, seed=1, dtype=torch.bfloat16, augmentation=augmentation)
 
 
 def check_a_refused_capture_leaves_the_process_as_an_eager_run():
@@ -104,8 +107,7 @@ def gpu_run(*flags, count=2048):
     args, _ = parse_args(["--model", "wideresnet", "--depth", "10", "--widen-factor", "1", "--batch-size", "128",
                           "--device", "cuda", *map(str, flags)])
     config = Config.from_flags(args)
-    loader = random_loader(count, config.batch_size, cutout_size=config.cutout, mixup=config.mixup,
-                           cutmix=config.cutmix)
+    loader = random_loader(count, config.batch_size, config.augmentation)
     test = EvalLoader(loader.images[:512], loader.labels[:512], dtype=torch.bfloat16)
     torch.manual_seed(0)
     return build_run(config, Runtime(torch.device("cuda", 0)), (loader, None, test))
@@ -135,7 +137,8 @@ def check_an_epoch_prepared_on_a_side_stream_matches_one_made_on_demand():
     labels = torch.randint(0, 100, (8192,), generator=generator).cuda()
 
     def loader():
-        return TrainLoader(images, labels, 256, seed=1, dtype=torch.bfloat16, cutout_size=8, mixup=0.2, cutmix=1.0)
+        return TrainLoader(images, labels, 256, seed=1, dtype=torch.bfloat16,
+                           augmentation=Augmentation(cutout=8, mixup=0.2, cutmix=1.0, cutmix_prob=0.5, policy="ta_wide"))
 
     expected = [(batch.clone(), targets.clone()) for batch, targets in loader().batches(1)]
     ahead = loader()
@@ -148,4 +151,4 @@ def check_an_epoch_prepared_on_a_side_stream_matches_one_made_on_demand():
 
 
 if __name__ == "__main__":
-    globals()[sys.argv[1]]()
+    globals()[sys.argv[1]](*sys.argv[2:])

@@ -2,13 +2,15 @@ import math
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
 import dataset_utils
-from dataset_utils import (ARCHIVE_NAME, CIFAR100_MEAN, CIFAR100_STD, DataConfig, DataError, EvalLoader,
-                           TrainLoader, augment, color_jitter, cutout, grayscale, horizontal_flip, load_cifar100,
-                           normalize, plan_epoch, random_crop, read_cifar100, rotate, split_validation)
+from auto_augment import grayscale
+from dataset_utils import (ARCHIVE_NAME, CIFAR100_MEAN, CIFAR100_STD, Augmentation, DataConfig, DataError, EvalLoader,
+                           TrainLoader, augment, color_jitter, cutout, horizontal_flip, load_cifar100, normalize,
+                           plan_epoch, random_crop, read_cifar100, rotate, split_validation)
 
 
 def random_batch(size=8, seed=0):
@@ -273,10 +275,11 @@ def test_test_shards_cover_the_test_set_once(cifar_dir):
     assert sorted(torch.cat(shards).tolist()) == list(range(32))
 
 
-@pytest.mark.parametrize("mixing", [{}, {"mixup": 0.5, "cutmix": 1.0}])
-def test_resuming_mid_epoch_serves_the_remaining_batches(cifar_dir, mixing):
+@pytest.mark.parametrize("augmentation", [Augmentation(), Augmentation(mixup=0.5, cutmix=1.0, cutmix_prob=0.5),
+                                          Augmentation(policy="ra", cutout=16)])
+def test_resuming_mid_epoch_serves_the_remaining_batches(cifar_dir, augmentation):
     arrays = read_cifar100(cifar_dir, download=False)
-    loader = TrainLoader(arrays.train_images, arrays.train_labels, batch_size=16, seed=2, **mixing)
+    loader = TrainLoader(arrays.train_images, arrays.train_labels, batch_size=16, seed=2, augmentation=augmentation)
     full = list(loader.batches(epoch=3))
     rest = list(loader.batches(epoch=3, start_step=2))
     assert len(rest) == 2
@@ -288,7 +291,8 @@ def test_a_prepared_epoch_is_served_as_it_would_be_augmented_on_demand(cifar_dir
     arrays = read_cifar100(cifar_dir, download=False)
 
     def loader():
-        return TrainLoader(arrays.train_images, arrays.train_labels, batch_size=16, seed=2, mixup=0.5, cutmix=1.0)
+        return TrainLoader(arrays.train_images, arrays.train_labels, batch_size=16, seed=2,
+                           augmentation=Augmentation(mixup=0.5, cutmix=1.0, cutmix_prob=0.5, policy="ta_wide"))
 
     expected = list(loader().batches(epoch=2))
 
@@ -327,8 +331,8 @@ def test_augmented_batches_keep_shape_dtype_and_plausible_statistics():
 def test_an_epoch_augmented_at_once_equals_batch_by_batch_augmentation(monkeypatch):
     images = (torch.rand(96, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 255).to(torch.uint8)
     monkeypatch.setattr(dataset_utils, "AUGMENT_CHUNK_IMAGES", 32)  # several chunks, each with several jitter orders
-    loader = TrainLoader(images, torch.arange(96), batch_size=8, seed=4, cutout_size=8)
-    plan = plan_epoch(96, loader.steps_per_epoch, 4, 2, "cpu")
+    loader = TrainLoader(images, torch.arange(96), batch_size=8, seed=4, augmentation=Augmentation(cutout=8))
+    plan = plan_epoch(96, loader.steps_per_epoch, 4, 2, "cpu", loader.augmentation)
     for step, (batch, labels) in enumerate(loader.batches(epoch=2)):
         positions = loader.positions(range(step, step + 1))[0]
         expected = augment(images[plan.order[positions]], plan, positions, plan.jitter_order[step], cutout_size=8)
@@ -344,6 +348,33 @@ def test_cutout_zeroes_one_square_clipped_at_the_border():
     assert zeroed.sum((1, 2)).tolist() == [64, 16, 40]  # whole, quarter (corner), five rows of eight (bottom edge)
     assert zeroed[0, 12:20, 12:20].all() and zeroed[1, :4, :4].all() and zeroed[2, 27:, 16:24].all()
     assert torch.equal(cut[~zeroed[:, None].expand_as(cut)], images[~zeroed[:, None].expand_as(cut)])
+
+
+def reference_cutout_mask(centre, length, size=32):
+    """The Cutout paper's code (uoguelph-mlrg/Cutout, util/cutout.py): y - length // 2 to y + length // 2, clipped."""
+    mask = np.ones((size, size), np.float32)
+    y, x = centre
+    mask[np.clip(y - length // 2, 0, size):np.clip(y + length // 2, 0, size),
+         np.clip(x - length // 2, 0, size):np.clip(x + length // 2, 0, size)] = 0.0
+    return torch.from_numpy(mask)
+
+
+@pytest.mark.parametrize("length", [1, 7, 8, 16, 17])
+def test_cutout_cuts_what_the_papers_code_cuts(length):
+    centres = torch.tensor([[16, 16], [0, 0], [31, 20], [3, 29]])
+    cut = cutout(torch.ones(4, 3, 32, 32), centres, length)
+    for image, centre in zip(cut, centres.tolist()):
+        assert torch.equal(image, reference_cutout_mask(centre, length).expand(3, 32, 32))
+
+
+def test_cutout_fills_with_the_mean_colour_after_normalisation():
+    images = (torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    plan = plan_epoch(8, 1, 0, 0, "cpu", Augmentation(cutout=16))
+    positions = torch.arange(8)
+    with_hole = augment(images[plan.order], plan, positions, plan.jitter_order[0], cutout_size=16)
+    without = augment(images[plan.order], plan, positions, plan.jitter_order[0])
+    hole = with_hole != without
+    assert hole.any() and (with_hole[hole] == 0).all()  # 0 after normalising: the data set's mean, not black
 
 
 def test_cutout_centres_cover_the_whole_image():
@@ -382,22 +413,35 @@ def mixed_and_plain_epochs(**mixing):
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (STEPS * BATCH, 3, 32, 32), dtype=torch.uint8, generator=generator)
     loader = TrainLoader(images, torch.randint(0, 100, (STEPS * BATCH,), generator=generator), BATCH, seed=3)
-    plan = plan_epoch(STEPS * BATCH, STEPS, 3, 0, "cpu", **mixing)
+    plan = plan_epoch(STEPS * BATCH, STEPS, 3, 0, "cpu", Augmentation(**mixing), BATCH)
     plain_plan = plan_epoch(STEPS * BATCH, STEPS, 3, 0, "cpu")  # mixing is drawn last: every other draw is the same
     mixed, plain = loader.augment_epoch(plan), loader.augment_epoch(plain_plan)
     shape = (STEPS, BATCH, 3, 32, 32)
     return mixed.view(shape), plain.view(shape), plan, loader.epoch_targets(plan), loader.epoch_targets(plain_plan)
 
 
-def assert_targets_share_by_weight(targets, labels, weights):
+def partners_of(batches, partners):
+    return torch.stack([batch[order] for batch, order in zip(batches, partners)])
+
+
+def assert_targets_share_by_weight(targets, labels, mixing):
     assert torch.allclose(targets.sum(-1), torch.ones(STEPS, BATCH))
     for step in range(STEPS):
         for i in range(BATCH):
-            own, partner = labels[step, i], labels[step, BATCH - 1 - i]
+            own, partner = labels[step, i], labels[step, mixing.partners[step, i]]
             if own != partner:
-                assert targets[step, i, own] == pytest.approx(weights[step].item())
-                assert targets[step, i, partner] == pytest.approx(1 - weights[step].item())
+                assert targets[step, i, own] == pytest.approx(mixing.weights[step].item())
+                assert targets[step, i, partner] == pytest.approx(1 - mixing.weights[step].item())
                 assert (targets[step, i] > 0).sum() == 2
+
+
+def test_each_batch_pairs_its_images_by_its_own_random_permutation():
+    plan = plan_epoch(64 * 50, 50, 0, 0, "cpu", Augmentation(mixup=1.0), batch_size=64)
+    partners = plan.mixing.partners
+    assert all(sorted(row.tolist()) == list(range(64)) for row in partners)
+    assert len({tuple(row.tolist()) for row in partners}) == 50  # a new pairing each batch
+    mutual = (partners.gather(1, partners) == torch.arange(64)).float().mean()
+    assert mutual < 0.2  # a reversed batch pairs every image both ways; a random permutation seldom does
 
 
 def test_mixup_blends_each_image_with_its_partner_and_the_targets_by_the_same_weight():
@@ -405,27 +449,64 @@ def test_mixup_blends_each_image_with_its_partner_and_the_targets_by_the_same_we
     weights = plan.mixing.weights
     assert (weights > 0).all() and (weights < 1).all() and weights.std() > 0.1  # Beta(1, 1): uniform
     share = weights[:, None, None, None, None]
-    assert torch.allclose(mixed, share * plain + (1 - share) * plain.flip(1), atol=1e-5)
-    assert_targets_share_by_weight(targets, labels, weights)
+    assert torch.allclose(mixed, share * plain + (1 - share) * partners_of(plain, plan.mixing.partners), atol=1e-5)
+    assert_targets_share_by_weight(targets, labels, plan.mixing)
 
 
 def test_cutmix_pastes_one_box_of_the_partner_and_weights_the_targets_by_its_area():
     mixed, plain, plan, targets, labels = mixed_and_plain_epochs(cutmix=1.0)
+    partners = partners_of(plain, plan.mixing.partners)
     for step in range(STEPS):
         top, left, bottom, right = plan.mixing.boxes[step].tolist()
         assert 0 <= top <= bottom <= 32 and 0 <= left <= right <= 32
         inside = torch.zeros(32, 32, dtype=torch.bool)
         inside[top:bottom, left:right] = True
-        assert torch.equal(mixed[step][..., inside], plain[step].flip(0)[..., inside])
+        assert torch.equal(mixed[step][..., inside], partners[step][..., inside])
         assert torch.equal(mixed[step][..., ~inside], plain[step][..., ~inside])
         assert plan.mixing.weights[step].item() == pytest.approx(1 - inside.sum().item() / 1024)
-    assert_targets_share_by_weight(targets, labels, plan.mixing.weights)
+    assert_targets_share_by_weight(targets, labels, plan.mixing)
 
 
-def test_with_both_each_batch_is_either_mixup_or_cutmix():
-    plan = plan_epoch(4000, 400, 0, 0, "cpu", mixup=0.2, cutmix=1.0)
-    boxes, blend = plan.mixing.boxes, plan.mixing.blend
-    is_cutmix = boxes[:, 2] > boxes[:, 0]
+def test_cutmix_prob_leaves_the_other_batches_unmixed_or_mixes_them_up():
+    alone = plan_epoch(4000, 400, 0, 0, "cpu", Augmentation(cutmix=1.0, cutmix_prob=0.5), batch_size=10).mixing
+    is_cutmix = alone.boxes[:, 2] > alone.boxes[:, 0]
     assert 0.4 < is_cutmix.float().mean() < 0.6
-    assert (blend[is_cutmix] == 1).all() and (boxes[~is_cutmix] == 0).all()
-    assert torch.equal(plan.mixing.weights[~is_cutmix], blend[~is_cutmix])
+    assert (alone.weights[~is_cutmix] == 1).all() and (alone.blend == 1).all()  # the others: left as they are
+    both = plan_epoch(4000, 400, 0, 0, "cpu", Augmentation(mixup=0.2, cutmix=1.0, cutmix_prob=0.5), batch_size=10).mixing
+    is_cutmix = both.boxes[:, 2] > both.boxes[:, 0]
+    assert 0.4 < is_cutmix.float().mean() < 0.6
+    assert (both.blend[is_cutmix] == 1).all() and (both.boxes[~is_cutmix] == 0).all()
+    assert torch.equal(both.weights[~is_cutmix], both.blend[~is_cutmix])
+    assert (both.blend[~is_cutmix] < 0.999).float().mean() > 0.8  # mixed up (Beta(0.2, 0.2) piles up near 0 and 1)
+
+
+def test_the_validation_fingerprint_changes_with_the_held_out_images_alone(cifar_dir):
+    def fingerprint():
+        return load_cifar100(DataConfig(8, cifar_dir, download=False, val_size=20))[1].fingerprint
+
+    before = fingerprint()
+    _, held_out = split_validation(read_cifar100(cifar_dir, download=False).train_labels, 20)
+    kept = sorted(set(range(64)) - set(held_out.tolist()))
+    path = cifar_dir / "cifar-100-python" / "train"
+    data = rewrite_split(path)["data"].copy()
+    data[kept[0], 0] ^= 1  # a training image changes: the split is the same
+    rewrite_split(path, data=data)
+    assert fingerprint() == before
+    data[held_out[0], 0] ^= 1  # a held-out image changes: the old validation history means something else now
+    rewrite_split(path, data=data)
+    assert fingerprint() != before
+
+
+def test_a_data_dir_that_is_a_file_is_one_line_even_when_downloads_are_allowed(tmp_path):
+    path = tmp_path / "data"
+    path.write_text("not a folder")
+    for download in (True, False):
+        with pytest.raises(DataError, match=f"--data-dir {path} is a file, not a folder"):
+            read_cifar100(path, download=download)
+
+
+def test_a_label_beyond_int64_is_refused_in_one_line(cifar_dir):
+    path = cifar_dir / "cifar-100-python" / "train"
+    rewrite_split(path, fine_labels=[2**70] + [0] * 63)
+    with pytest.raises(DataError, match=f"{path}: labels must lie in 0..99"):
+        read_cifar100(cifar_dir, download=False)

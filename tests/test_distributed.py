@@ -94,3 +94,40 @@ def test_under_torchrun_every_rank_evaluates_the_average_that_is_saved(runs):
     recorded = load_checkpoint(root / "double" / "last.pt")["history"][-1]
     assert recorded["test_loss"] == pytest.approx(result.loss, abs=2e-5)
     assert recorded["test_top1"] == pytest.approx(result.top1, abs=1e-5)
+
+
+def test_a_one_image_validation_split_and_the_largest_seed_work_under_torchrun(runs, tmp_path):
+    cifar_dir, _, _, _ = runs
+    folder = tmp_path / "ckpt"
+    result = torchrun(*tiny_run_args(cifar_dir, folder, "--epochs", 1, "--batch-size", 64, "--val-size", 1,
+                                     "--seed", 2**32 - 1))  # rank 1 holds no validation image; its seed wraps
+    assert result.returncode == 0, result.stderr
+    (row,) = load_checkpoint(folder / "last.pt")["history"]
+    assert row["val_top1"] in (0.0, 1.0) and "test_top1" not in row  # judged on the one image, not the test set
+
+
+def test_a_signal_that_reaches_one_rank_stops_every_rank_with_a_checkpoint(runs, tmp_path):
+    import signal
+    import time
+
+    from test_run_dir import running, worker_pids
+    cifar_dir, _, _, _ = runs
+    folder = tmp_path / "ckpt"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 str(REPO / "train.py"), *map(str, tiny_run_args(cifar_dir, folder, "--epochs", 1000,
+                                                                                 "--batch-size", 64))],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (folder / "last.pt").exists():
+        assert launcher.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    workers = worker_pids(launcher.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGTERM)  # one worker only, as a batch system or a user's kill might
+    out, err = launcher.communicate(timeout=120)
+    assert not any(running(pid) for pid in workers)
+    assert "TypeError" not in err and err.count("checkpoint saved. Resume with:") == 1
+    assert err.count("exitcode  : 143") == 2  # both ranks stopped as on SIGTERM
+    saved = load_checkpoint(folder / "last.pt")
+    assert saved["epoch"] >= 1

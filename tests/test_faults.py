@@ -14,14 +14,31 @@ from run_dir import load_checkpoint
 EPOCHS = 4
 
 
+# Every augmentation, SAM and the weight average together: the most state a resume has to bring back.
+STRONGEST_RECIPE = ("--auto-augment", "ta_wide", "--sam", 0.05, "--ema", 0.999, "--cutmix", 1.0, "--cutmix-prob", 0.5)
+
+
 @pytest.fixture(scope="module")
-def run_setup(tmp_path_factory):
-    """256 training images (16 steps an epoch) and the uninterrupted run every faulty run must match."""
-    root = tmp_path_factory.mktemp("faults")
-    cifar_dir = write_cifar100(root / "data", train_size=256)
-    result = run_train(*tiny_run_args(cifar_dir, root / "reference", "--epochs", EPOCHS))
+def data_dir(tmp_path_factory):
+    """256 training images: 16 steps an epoch."""
+    return write_cifar100(tmp_path_factory.mktemp("faults") / "data", train_size=256)
+
+
+def uninterrupted(data_dir, folder, *recipe):
+    result = run_train(*tiny_run_args(data_dir, folder, "--epochs", EPOCHS, *recipe))
     assert result.returncode == 0, result.stderr
-    return cifar_dir, load_weights(root / "reference" / "last.pt")
+    return load_weights(folder / "last.pt")
+
+
+@pytest.fixture(scope="module")
+def run_setup(data_dir):
+    """The data and the uninterrupted run every faulty run must match."""
+    return data_dir, uninterrupted(data_dir, data_dir.parent / "reference")
+
+
+@pytest.fixture(scope="module")
+def strongest_setup(data_dir):
+    return data_dir, uninterrupted(data_dir, data_dir.parent / "strongest", *STRONGEST_RECIPE)
 
 
 def start_train(*args):
@@ -41,26 +58,27 @@ def wait_for_checkpoints(process, path, count, timeout=120):
     return seen >= count
 
 
-def finish_by_resuming(cifar_dir, checkpoint_dir):
+def finish_by_resuming(cifar_dir, checkpoint_dir, *recipe):
     """Resume (or start, if nothing was saved yet) until the run completes."""
-    resume = ["--resume"] if (checkpoint_dir / "last.pt").exists() else []
+    resume = ["--resume"] if (checkpoint_dir / "last.pt").exists() else list(recipe)
     result = run_train(*tiny_run_args(cifar_dir, checkpoint_dir, "--epochs", EPOCHS, *resume))
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("trial", range(3))
-def test_sigkill_at_a_random_point_then_resume_matches_an_uninterrupted_run(run_setup, tmp_path, trial):
-    cifar_dir, reference = run_setup
+@pytest.mark.parametrize("trial", range(4))
+def test_sigkill_at_a_random_point_then_resume_matches_an_uninterrupted_run(request, tmp_path, trial):
+    recipe = STRONGEST_RECIPE if trial == 3 else ()
+    cifar_dir, reference = request.getfixturevalue("strongest_setup" if recipe else "run_setup")
     chance = random.Random(1000 + trial)
     checkpoint_dir = tmp_path / "ckpt"
-    process = start_train(*tiny_run_args(cifar_dir, checkpoint_dir, "--epochs", EPOCHS))
+    process = start_train(*tiny_run_args(cifar_dir, checkpoint_dir, "--epochs", EPOCHS, *recipe))
     wait_for_checkpoints(process, checkpoint_dir / "last.pt", chance.randint(0, 2))
     time.sleep(chance.uniform(0, 0.3))
     process.kill()
     process.communicate()
     if (checkpoint_dir / "last.pt").exists():
         load_checkpoint(checkpoint_dir / "last.pt")  # whatever instant the kill hit, the checkpoint is whole
-    finish_by_resuming(cifar_dir, checkpoint_dir)
+    finish_by_resuming(cifar_dir, checkpoint_dir, *recipe)
     assert_same_weights(reference, load_weights(checkpoint_dir / "last.pt"))
 
 
@@ -80,20 +98,23 @@ def test_a_signal_saves_a_resumable_checkpoint_and_says_how_to_resume(run_setup,
     assert_same_weights(reference, load_weights(checkpoint_dir / "last.pt"))
 
 
-def test_an_interrupt_mid_epoch_resumes_at_that_step_exactly(run_setup, tmp_path, train_main, monkeypatch):
+@pytest.mark.parametrize("recipe", [(), STRONGEST_RECIPE], ids=["default", "strongest"])
+def test_an_interrupt_mid_epoch_resumes_at_that_step_exactly(request, tmp_path, train_main, monkeypatch, recipe):
     import train_utils
-    cifar_dir, reference = run_setup
+    cifar_dir, reference = request.getfixturevalue("strongest_setup" if recipe else "run_setup")
     real_criterion, calls = train_utils.make_criterion(), []
+
+    passes = 2 if "--sam" in recipe else 1  # SAM takes the loss twice a step
 
     def interrupted_at_step_23(logits, labels):  # epoch 2, step 7 of 16
         calls.append(1)
-        if len(calls) == 23:
+        if len(calls) == 1 + 22 * passes:
             os.kill(os.getpid(), signal.SIGINT)
         return real_criterion(logits, labels)
 
     monkeypatch.setattr(train_utils, "make_criterion", lambda label_smoothing: interrupted_at_step_23)
     checkpoint_dir = tmp_path / "ckpt"
-    assert train_main(tiny_run_args(cifar_dir, checkpoint_dir, "--epochs", EPOCHS)) == 130
+    assert train_main(tiny_run_args(cifar_dir, checkpoint_dir, "--epochs", EPOCHS, *recipe)) == 130
     saved = load_checkpoint(checkpoint_dir / "last.pt")
     assert (saved["epoch"], saved["step"]) == (1, 7) and saved["epoch_totals"]["images"] == 7 * 16
     monkeypatch.undo()

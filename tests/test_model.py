@@ -53,7 +53,7 @@ def test_importing_the_modules_has_no_side_effects(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_wideresnet_starts_from_the_reference_initialisation():
+def test_wideresnet_starts_from_he_fan_out_convolutions_and_identity_batchnorm():
     import math
     model = WideResNet(depth=16, widen_factor=4)
     conv = model.stages[1][1].conv1  # a stage-2 3x3 convolution, 128 -> 128 channels

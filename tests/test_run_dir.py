@@ -93,6 +93,159 @@ def run_python(code, *args):
                           text=True, timeout=300)
 
 
+# ---- a folder belongs to one run ----
+
+WAIT_FOR_THE_FIRST_RUN = """
+import os, sys, time
+sys.path.insert(0, os.getcwd())
+import dataset_utils
+real_read, first_run = dataset_utils.read_cifar100, int(os.environ["FIRST_RUN"])
+
+def read_once_the_first_run_has_ended(*args, **kwargs):
+    while os.path.exists(f"/proc/{first_run}") and open(f"/proc/{first_run}/stat").read().split()[2] != "Z":
+        time.sleep(0.05)
+    return real_read(*args, **kwargs)
+
+dataset_utils.read_cifar100 = read_once_the_first_run_has_ended
+import train
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_a_second_resume_is_refused_before_it_reads_what_the_first_is_rewriting(trained, tmp_path):
+    cifar_dir, _ = trained
+    folder = tmp_path / "ckpt"
+    first = start_train(REPO / "train.py", *tiny_run_args(cifar_dir, folder, "--epochs", 12))
+    wait_for(lambda: (folder / "last.pt").exists(), first)
+    # The second run, too slow to read its data until the first has ended, must not go on from what it saw.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", "FIRST_RUN": str(first.pid)}
+    second = subprocess.run([sys.executable, "-c", WAIT_FOR_THE_FIRST_RUN,
+                             *map(str, tiny_run_args(cifar_dir, folder, "--resume", "--epochs", 3))],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    first.communicate(timeout=300)
+    assert first.returncode == 0
+    # Refused while the first held the folder, or (had the first ended already) nothing left to train.
+    assert second.returncode == 0 and "nothing to train" in second.stdout or second.returncode == 1 and \
+        second.stderr.strip() == f"error: another run is training in {folder}: wait for it to end, or use another " \
+                                 f"--checkpoint-dir"
+    assert load_checkpoint(folder / "last.pt")["epoch"] == 12 and len(read_metrics(folder / "metrics.csv")) == 12
+
+
+def run_in(cifar_dir, folder, epochs=1, *flags):
+    result = run_train(*tiny_run_args(cifar_dir, folder, "--epochs", epochs, *flags))
+    assert result.returncode == 0, result.stderr
+    return folder
+
+
+def contents(folder):
+    return {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file() and path.name != ".lock"}
+
+
+def test_a_resume_never_writes_into_a_folder_that_holds_another_run(trained, tmp_path, train_main, capsys):
+    cifar_dir, original = trained
+    other = run_in(cifar_dir, tmp_path / "other")
+    before, original_before = contents(other), contents(original)
+    capsys.readouterr()
+    assert train_main(tiny_run_args(cifar_dir, other, "--resume", original / "last.pt")) == 1
+    assert_one_line_error(capsys.readouterr().err, f"{other} holds another run", "new --checkpoint-dir")
+    shutil.copy(original / "last.pt", other / "x.pt")  # a checkpoint of another run dropped into the folder
+    before = contents(other)
+    in_its_folder = [arg for arg in tiny_run_args(cifar_dir, "unused", "--resume", other / "x.pt")
+                     if arg not in ("--checkpoint-dir", "unused")]  # the run goes on in x.pt's folder
+    assert train_main(in_its_folder) == 1
+    assert_one_line_error(capsys.readouterr().err, f"{other} holds another run")
+    assert contents(other) == before and contents(original) == original_before
+
+
+def test_a_resume_from_an_older_checkpoint_of_the_same_run_is_refused(trained, tmp_path, train_main, capsys):
+    cifar_dir, original = trained
+    folder = tmp_path / "ckpt"
+    shutil.copytree(original, folder)
+    older = tmp_path / "older.pt"
+    checkpoint = torch.load(folder / "last.pt", weights_only=True)
+    checkpoint["epoch"], checkpoint["history"] = 1, checkpoint["history"][:1]
+    torch.save(checkpoint, older)
+    before = contents(folder)
+    capsys.readouterr()
+    assert train_main(tiny_run_args(cifar_dir, folder, "--resume", older, "--epochs", 3)) == 1
+    assert_one_line_error(capsys.readouterr().err, f"{older} is at epoch 1, behind {folder / 'last.pt'} at epoch 2")
+    assert contents(folder) == before
+
+
+@pytest.mark.parametrize("leftover", ["best.pt", "metrics.csv"])
+def test_a_new_run_refuses_a_folder_holding_any_file_of_a_run(trained, tmp_path, leftover):
+    cifar_dir, original = trained
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    shutil.copy(original / leftover, folder / leftover)
+    result = run_train(*tiny_run_args(cifar_dir, folder, "--epochs", 1))
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, f"{folder} holds a run ({leftover})")
+    assert (folder / leftover).read_bytes() == (original / leftover).read_bytes()
+
+
+def test_resuming_into_a_new_folder_makes_it_hold_the_whole_run(trained, tmp_path, train_main):
+    cifar_dir, original = trained
+    new = tmp_path / "new"
+    # The stored best is not beaten by the extra epoch at a tiny lr? Whatever happens, the new folder is complete.
+    assert train_main(tiny_run_args(cifar_dir, new, "--resume", original / "last.pt", "--epochs", 2)) == 0
+    assert sorted(contents(new)) == ["best.pt", "last.pt", "metrics.csv"]
+    assert (new / "best.pt").read_bytes() == (original / "best.pt").read_bytes()
+    assert load_checkpoint(new / "last.pt")["run_id"] == load_checkpoint(original / "last.pt")["run_id"]
+    assert train_main(["--evaluate", "--checkpoint-dir", str(new), "--data-dir", str(cifar_dir),
+                       "--no-download"]) == 0
+
+
+def test_resuming_an_early_stopped_run_is_a_no_op_unless_the_target_moves(tmp_path, train_main, capsys):
+    cifar_dir = write_cifar100(tmp_path / "data")
+    folder = tmp_path / "ckpt"
+    assert train_main(tiny_run_args(cifar_dir, folder, "--epochs", 4, "--target-accuracy", 0.01,
+                                    "--patience", 1)) == 0
+    stopped = (folder / "last.pt").read_bytes()
+    assert load_checkpoint(folder / "last.pt")["epoch"] == 1
+    capsys.readouterr()
+    assert train_main(tiny_run_args(cifar_dir, folder, "--resume")) == 0
+    assert "it stopped early at epoch 1 and its target still holds: nothing to train" in capsys.readouterr().out
+    assert (folder / "last.pt").read_bytes() == stopped
+    assert train_main(tiny_run_args(cifar_dir, folder, "--resume", "--target-accuracy", 1.0)) == 0
+    assert "it had stopped early at epoch 1, and goes on with --target-accuracy 1.0" in capsys.readouterr().out
+    assert load_checkpoint(folder / "last.pt")["epoch"] == 4
+
+
+def test_a_run_that_fails_before_its_first_save_leaves_no_folder_behind(trained, tmp_path):
+    cifar_dir, _ = trained
+    folder = tmp_path / "new" / "ckpt"
+    result = run_train(*tiny_run_args(cifar_dir, folder, "--epochs", 3, "--lr", 300))  # diverges in epoch 1
+    assert result.returncode == 1 and "no checkpoint written yet" in result.stderr
+    assert not folder.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    assert run_train(*tiny_run_args(cifar_dir, existing, "--epochs", 3, "--lr", 300)).returncode == 1
+    assert list(existing.iterdir()) == []  # a folder that was there stays, without our lock in it
+
+
+def test_the_resume_hint_repeats_this_commands_settings_and_quotes_paths(trained, tmp_path, train_main, capsys,
+                                                                         monkeypatch):
+    import shlex
+
+    import train_utils
+    cifar_dir, _ = trained
+    folder = tmp_path / "with space"
+
+    def interrupted(logits, labels):
+        os.kill(os.getpid(), signal.SIGINT)
+        return torch.nn.functional.cross_entropy(logits, labels)
+
+    monkeypatch.setattr(train_utils, "make_criterion", lambda label_smoothing: interrupted)
+    capsys.readouterr()
+    assert train_main(tiny_run_args(cifar_dir, folder, "--epochs", 2, "--device", "cpu")) == 130
+    hint = capsys.readouterr().err.strip().splitlines()[-1].strip()
+    assert hint == shlex.join(["python", "train.py", "--resume", str(folder / "last.pt"), "--data-dir",
+                               str(cifar_dir), "--no-download", "--device", "cpu"])
+    monkeypatch.undo()
+    assert train_main(shlex.split(hint)[2:] + ["--epochs", "2"]) == 0
+
+
 # ---- checkpoints in our format, damaged ----
 
 
@@ -136,9 +289,21 @@ def make_the_history_a_dict(checkpoint):
     checkpoint["history"] = {"epoch": 1}
 
 
+def make_best_top1_nan(checkpoint):
+    checkpoint["best_top1"] = float("nan")
+
+
+def make_best_top1_infinite(checkpoint):
+    checkpoint["best_top1"] = float("inf")
+
+
+def make_best_top1_negative(checkpoint):
+    checkpoint["best_top1"] = -0.5
+
+
 DAMAGES = [misshape_a_weight, drop_a_weight, add_a_weight, misshape_a_momentum_buffer, drop_an_optimizer_group,
            break_the_rng_state, move_the_schedule, make_a_setting_a_string, make_best_top1_a_string,
-           make_the_history_a_dict]
+           make_the_history_a_dict, make_best_top1_nan, make_best_top1_infinite, make_best_top1_negative]
 
 
 @pytest.mark.parametrize("damage", DAMAGES, ids=[damage.__name__ for damage in DAMAGES])
@@ -272,17 +437,28 @@ def test_a_data_file_that_is_a_folder_or_a_link_loop_is_named(tmp_path, train_ma
 
 
 def test_an_error_only_rank_0_sees_stops_every_rank_with_one_line(trained, tmp_path):
+    from test_cli import unwritable_folder
+    cifar_dir, _ = trained
+    folder = unwritable_folder(tmp_path)  # only rank 0 claims the folder, so only it finds out
+    result = torchrun(*tiny_run_args(cifar_dir, folder, "--epochs", 1))
+    assert result.returncode == 1
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and ours[0].startswith(f"error: checkpoint folder {folder} is not writable")
+    assert result.stderr.count("exitcode  : 1") == 2  # the launcher's report: each rank exited with 1
+    assert "train.py\", line" not in result.stderr and "Connection closed" not in result.stderr
+
+
+def test_a_folder_holding_a_run_stops_every_torchrun_rank_before_torch_loads(trained, tmp_path):
     cifar_dir, _ = trained
     folder = tmp_path / "ckpt"
     folder.mkdir()
     (folder / "last.pt").write_bytes(b"a run lives here")
     result = torchrun(*tiny_run_args(cifar_dir, folder, "--epochs", 1))
     assert result.returncode == 1
-    ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert ours == [f"error: {folder / 'last.pt'} exists: continue it with --resume, or start a new run in another "
-                    f"--checkpoint-dir"]
-    assert result.stderr.count("exitcode  : 1") == 2  # the launcher's report: each rank exited with 1
-    assert "train.py\", line" not in result.stderr and "Connection closed" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: {folder} holds a run (last.pt): continue it with --resume, or start a new run in another "
+        f"--checkpoint-dir"]
+    assert result.stderr.count("exitcode  : 1") == 2
 
 
 def worker_pids(launcher_pid):

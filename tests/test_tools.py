@@ -82,7 +82,7 @@ def test_reproduce_runs_a_tables_commands_keeps_their_logs_and_prints_the_table(
     heading, row = table.splitlines()[0], next(line for line in table.splitlines() if line.startswith("| seed1 |"))
     assert heading.startswith("fast: ") and ", torch 2." in heading and heading.endswith(str(datetime.date.today()))
     assert "`python train.py --preset fast --seed 1 --model wideresnet" in row
-    assert row.endswith(f"| {100 * float(rows[-1]['test_top1']):.2f} % |")
+    assert row.endswith(f"| test {100 * float(rows[-1]['test_top1']):.2f} % |")
     again = reproduce("fast", "--runs", "seed1", "--", *tiny, cwd=tmp_path)  # never over an earlier run's folder
     assert again.returncode == 2 and again.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'runs' / 'fast' / 'seed1'} already exist: move them away, or pass another --work folder"]
@@ -102,3 +102,14 @@ def test_reproduce_speed_keeps_the_benchmarks_rows(tmp_path):
     table = (tmp_path / "results" / "speed" / "table.md").read_text().splitlines()
     assert table[2].startswith("| model |") and table[4].startswith("| resnet18 | fp32 | 8 | eager |")
     assert (tmp_path / "results" / "speed" / "resnet18" / "output.txt").is_file()
+
+
+def test_reproduce_judges_a_choice_on_the_validation_split(cifar_dir, tmp_path):
+    from conftest import TINY_MODEL
+    from run_dir import read_metrics
+    tiny = [*TINY_MODEL, "--data-dir", cifar_dir, "--no-download", "--batch-size", 16, "--epochs", 1, "--val-size", 20]
+    result = reproduce("r18-choice", "--runs", "ema", "--", *tiny, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (row,) = [line for line in result.stdout.splitlines() if line.startswith("| ema |")]
+    final = read_metrics(tmp_path / "results" / "r18-choice" / "ema" / "metrics.csv")[-1]
+    assert "--ema 0.999" in row and row.endswith(f"| val {100 * float(final['val_top1']):.2f} % |")

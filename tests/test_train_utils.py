@@ -210,22 +210,24 @@ def test_a_snapshot_keeps_the_values_of_the_moment_it_was_taken(cifar_dir):
     assert all(torch.equal(before[key], snapshot["model"][key]) for key in before)
 
 
-def test_the_weight_average_follows_the_ema_formula_for_weights_and_batchnorm_statistics(cifar_dir):
+def test_the_weight_average_follows_the_ema_formula_with_timms_warm_up(cifar_dir):
     run = tiny_run(cifar_dir)
     model = run.model
     average = WeightAverage(model, decay=0.9)
     step = make_train_step(model, run.optimizer, make_criterion(), CPU, "fp32", average=average)
-    before = {key: value.clone() for key, value in average.model.state_dict().items()}
-    images, labels = next(run.train_loader.batches(0))
     step.start_epoch(0)
-    step(images, labels)
-    after, current = average.model.state_dict(), model.state_dict()
-    for key, value in after.items():
-        if value.is_floating_point():
-            assert torch.allclose(value, 0.9 * before[key] + 0.1 * current[key], atol=1e-6), key
-        else:
-            assert torch.equal(value, current[key]), key  # counters are copied, not averaged
-    assert not torch.equal(after["conv1.weight"], current["conv1.weight"])
+    for n, (images, labels) in enumerate(run.train_loader.batches(0)):
+        before = {key: value.clone() for key, value in average.model.state_dict().items()}
+        step(images, labels)
+        decay = min(0.9, (1 + n) / (10 + n))  # 0.1, 0.18, 0.25, 0.31: the starting weights fade at once
+        after, current = average.model.state_dict(), model.state_dict()
+        for key, value in after.items():
+            if value.is_floating_point():
+                assert torch.allclose(value, decay * before[key] + (1 - decay) * current[key], atol=1e-6), key
+            else:
+                assert torch.equal(value, current[key]), key  # counters are copied, not averaged
+        assert not torch.equal(after["conv1.weight"], current["conv1.weight"])
+    assert average.updates.item() == run.train_loader.steps_per_epoch
 
 
 def test_a_single_process_on_cuda_n_makes_gpu_n_its_current_device(monkeypatch):
@@ -239,3 +241,65 @@ def test_a_single_process_on_cuda_n_makes_gpu_n_its_current_device(monkeypatch):
     assert setup_runtime("cuda:1").device == torch.device("cuda", 1)
     assert setup_runtime("cuda").device == torch.device("cuda", 0)
     assert made_current == [torch.device("cuda", 1), torch.device("cuda", 0)]
+
+
+def reference_sam_step(model, optimizer, images, labels, rho, adaptive):
+    """One SAM step as its authors' reference code writes it (davda54/sam): the gradient, a climb to w + e(w),
+    the gradient there with BatchNorm's running statistics left alone (momentum 0), back to w, the base step."""
+    criterion = torch.nn.CrossEntropyLoss()
+    optimizer.zero_grad()
+    criterion(model(images), labels).backward()
+    parameters = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.norm(torch.stack([((p.abs() if adaptive else 1.0) * p.grad).norm(p=2) for p in parameters]), p=2)
+    starts = []
+    for p in parameters:
+        starts.append(p.data.clone())
+        p.data.add_((p.pow(2) if adaptive else 1.0) * p.grad * (rho / (norm + 1e-12)))
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in norms:
+        m.momentum = 0.0
+    optimizer.zero_grad()
+    criterion(model(images), labels).backward()
+    for m in norms:
+        m.momentum = 0.1
+    for p, start in zip(parameters, starts):
+        p.data = start
+    optimizer.step()
+
+
+@pytest.mark.parametrize("adaptive, rho", [(False, 0.05), (True, 0.5)], ids=["sam", "asam"])
+def test_a_sam_step_equals_the_reference_step(cifar_dir, adaptive, rho):
+    import copy
+
+    from train_utils import SharpnessAware, make_optimizer
+    run = tiny_run(cifar_dir)
+    batches = list(run.train_loader.batches(0))[:2]
+    models = [copy.deepcopy(run.model) for _ in range(3)]
+    optimizers = [make_optimizer(model, 0.05, 0.9, 5e-4, nesterov=True) for model in models]
+    ours = make_train_step(models[0], optimizers[0], make_criterion(), CPU, "fp32",
+                           sharpness=SharpnessAware(models[0], rho, adaptive))
+    plain = make_train_step(models[2], optimizers[2], make_criterion(), CPU, "fp32")
+    ours.start_epoch(0)
+    plain.start_epoch(0)
+    for images, labels in batches:  # two steps: momentum and weight decay act on the sharpness gradient
+        ours(images, labels)
+        reference_sam_step(models[1], optimizers[1], images, labels, rho, adaptive)
+        plain(images, labels)
+    mine, reference, unsharpened = (model.state_dict() for model in models)
+    floats = [key for key, value in mine.items() if value.is_floating_point()]
+    apart = max((mine[key] - reference[key]).abs().max().item() for key in floats)
+    moved = max((mine[key] - unsharpened[key]).abs().max().item() for key in floats)  # SAM's own effect
+    assert moved > 1e-3 and apart <= 1e-3 * moved  # float rounding, not a different step
+    assert all(mine[key].item() == 2 for key in mine if key.endswith("num_batches_tracked"))  # the first pass only
+
+
+def test_train_top1_under_mixing_counts_each_hit_by_its_share_of_the_target(cifar_dir):
+    run = tiny_run(cifar_dir)
+    step = run.train_step
+    step.start_epoch(0)
+    logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 1.0], [0.0, 0.0, 9.0]])  # predicts classes 1, 0, 2
+    mixed = torch.tensor([[0.3, 0.7, 0.0], [0.6, 0.0, 0.4], [1.0, 0.0, 0.0]])  # as mixup-cifar10 counts them:
+    step.record(torch.tensor(1.0), logits, mixed)  # lambda * hit(a) + (1 - lambda) * hit(b) per image
+    assert step.sums[1].item() == pytest.approx(0.7 + 0.6 + 0.0)
+    step.record(torch.tensor(1.0), logits, torch.tensor([1, 2, 2]))
+    assert step.sums[1].item() == pytest.approx(1.3 + 2)
