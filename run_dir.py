@@ -130,11 +130,33 @@ def check_entry_types(checkpoint, path):
     if not (isinstance(config.get("name"), str) and is_a(config.get("num_classes"), int)
             and isinstance(config.get("kwargs"), dict)):
         raise CheckpointError(f"{path} is damaged: its model_config is not a model name, class count and options")
-    if checkpoint["epoch"] < 0 or checkpoint["step"] < 0 or not all(
-            isinstance(row, dict) and set(row) <= set(METRICS_COLUMNS) for row in checkpoint["history"]):
-        raise CheckpointError(f"{path} is damaged: its epoch, step or history rows are not what train.py writes")
+    if checkpoint["epoch"] < 0 or checkpoint["step"] < 0:
+        raise CheckpointError(f"{path} is damaged: its epoch or step is negative")
+    history = checkpoint["history"]
+    if not all(is_history_row(row) for row in history) or [row["epoch"] for row in history] != list(
+            range(1, checkpoint["epoch"] + 1)):
+        raise CheckpointError(f"{path} is damaged: its history rows are not one row of numbers per epoch, as "
+                              f"train.py writes them")
+    totals = checkpoint.get("epoch_totals")
+    if totals is not None and not (set(totals) == set(EPOCH_TOTALS) and all(is_a(totals[key], NUMBER)
+                                                                              for key in EPOCH_TOTALS)):
+        raise CheckpointError(f"{path} is damaged: its epoch_totals are not {', '.join(EPOCH_TOTALS)}")
     if not 0 <= checkpoint["best_top1"] <= 1:  # NaN too: a best that no epoch could beat
         raise CheckpointError(f"{path} is damaged: its best_top1 {checkpoint['best_top1']} is no fraction in [0, 1]")
+
+
+HISTORY_NUMBERS = ("epoch", "epoch_seconds", "train_seconds", "images", "train_loss", "train_top1", "lr",
+                   "images_per_sec", "best")
+EPOCH_TOTALS = ("loss_sum", "correct", "images", "seconds")
+
+
+def is_history_row(row):
+    """One epoch's metrics as train.py writes them: every column a number, and one split's evaluation."""
+    if not isinstance(row, dict) or not set(row) <= set(METRICS_COLUMNS):
+        return False
+    splits = [split for split in ("val", "test") if f"{split}_top1" in row]
+    needed = HISTORY_NUMBERS + tuple(f"{split}_{part}" for split in splits for part in ("loss", "top1", "top5"))
+    return len(splits) == 1 and set(needed) <= set(row) and all(is_a(value, NUMBER) for value in row.values())
 
 
 def is_a(value, kind):

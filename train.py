@@ -31,8 +31,15 @@ PRESETS = {
 }
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # what a float setting must fit in: the training computes in float32
+
+
 def bounded(kind, low=None, high=None, low_open=False, high_open=False):
-    """An argparse type that converts with `kind` and checks the value lies in the stated range."""
+    """An argparse type that converts with `kind` and checks the value lies in the stated range (a float's within
+    float32's, too)."""
+    if kind is float and high is None:
+        high = FLOAT32_MAX
+
     def convert(text):
         try:
             value = kind(text)
@@ -43,10 +50,14 @@ def bounded(kind, low=None, high=None, low_open=False, high_open=False):
         if too_low or too_high or not math.isfinite(value):
             left = "(" if low_open else "["
             right = ")" if high_open else "]"
-            span = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+            span = f"{left}{'-inf' if low is None else bound_text(low)}, {'inf' if high is None else bound_text(high)}{right}"
             raise argparse.ArgumentTypeError(f"{text} is outside {span}")
         return value
     return convert
+
+
+def bound_text(bound):
+    return f"{bound:g}" if isinstance(bound, float) else str(bound)
 
 
 def non_empty(text):
@@ -69,19 +80,27 @@ NON_NEGATIVE_FLOAT = bounded(float, low=0)
 FRACTION = bounded(float, low=0, high=1, high_open=True)
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with every default in --help, and flag errors in one line instead of behind the usage block."""
+class FlagError(ValueError):
+    """A setting outside what its flag accepts."""
 
-    def __init__(self):
+
+class Parser(argparse.ArgumentParser):
+    """argparse with every default in --help, and flag errors in one line instead of behind the usage block; with
+    `raising`, an error is a FlagError instead (for settings that come from a checkpoint, not a command line)."""
+
+    def __init__(self, raising=False):
         super().__init__(description="Train ResNet18 or WideResNet on CIFAR-100.",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        self.raising = raising
 
     def error(self, message):
+        if self.raising:
+            raise FlagError(message)
         self.exit(2, f"{self.prog}: error: {message} (see python {self.prog} --help)\n")
 
 
-def build_parser():
-    parser = Parser()
+def build_parser(raising=False):
+    parser = Parser(raising)
     model = parser.add_argument_group("model")
     model.add_argument("--model", choices=["resnet18", "wideresnet"], default="resnet18", help="the network")
     model.add_argument("--depth", type=bounded(int, low=10), default=28, help="WideResNet depth, 6n+4")
@@ -182,14 +201,9 @@ def parse_args(argv=None):
     explicit = vars(explicit_parser.parse_args(argv))
     if args.resume is not None and args.evaluate is not None:
         parser.error("--resume and --evaluate exclude each other")
-    if args.min_momentum is not None and args.min_momentum > args.momentum:
-        parser.error(f"--min-momentum {args.min_momentum} is above --momentum {args.momentum}")
-    if args.nesterov and args.momentum == 0:
-        parser.error("--nesterov needs a momentum above 0")
     if args.sync_bn and (int(os.environ.get("WORLD_SIZE", "1")) < 2 or args.device in ("cpu", "mps")):
         parser.error("--sync-bn needs several processes on CUDA GPUs (torchrun)")
-    if (args.depth - 4) % 6:
-        parser.error(f"argument --depth: {args.depth} is not 6n+4 (10, 16, 22, 28, ...)")
+    check_combination(args, parser)
     for flag, needs, value in (("cutmix_prob", "cutmix", None), ("asam", "sam", None),
                                ("ra_num_ops", "auto_augment", "ra"), ("ra_magnitude", "auto_augment", "ra")):
         if flag in explicit and not (getattr(args, needs) if value is None else getattr(args, needs) == value):
@@ -197,6 +211,34 @@ def parse_args(argv=None):
     if args.cutmix_prob is None:
         args.cutmix_prob = 0.5 if args.mixup else 1.0
     return args, explicit
+
+
+def check_combination(args, parser):
+    """The checks between settings, on top of each flag's own range."""
+    if args.min_momentum is not None and args.min_momentum > args.momentum:
+        parser.error(f"--min-momentum {args.min_momentum} is above --momentum {args.momentum}")
+    if args.nesterov and args.momentum == 0:
+        parser.error("--nesterov needs a momentum above 0")
+    if (args.depth - 4) % 6:
+        parser.error(f"argument --depth: {args.depth} is not 6n+4 (10, 16, 22, 28, ...)")
+
+
+def check_saved_settings(saved, path):
+    """A checkpoint's recipe goes through the very checks its flags would: one definition of each range."""
+    rules = {setting.name: setting.metadata.get("on_resume") for setting in fields(Config)}
+    unknown = sorted(set(saved) - set(rules))
+    if unknown:
+        raise CheckpointError(f"{path} is damaged: its settings hold {', '.join(unknown)}, which train.py has not")
+    flags = []
+    for name, value in saved.items():
+        if rules[name] == "this command's" or value is None or value is False:  # never taken from a checkpoint
+            continue
+        flags += ["--" + name.replace("_", "-")] + ([] if value is True else [str(value)])
+    parser = build_parser(raising=True)
+    try:
+        check_combination(parser.parse_args(flags), parser)
+    except FlagError as err:
+        raise CheckpointError(f"{path} is damaged: its settings fail their flags' checks ({err})") from None
 
 
 def checkpoint_path(given, checkpoint_dir, name):
@@ -233,12 +275,45 @@ def fail(error, code=1):
     return code
 
 
+class Notes:
+    """Standard error, for notes and errors: when nothing reads it any more (closed, or a pipe whose reader has
+    gone), what follows goes nowhere instead of raising, so the run still saves and stops as it would have."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except (OSError, ValueError, AttributeError):  # a broken pipe, a closed file, no stream (fd 2 closed)
+            self.to_nowhere()
+        except RuntimeError:  # a signal's note written while another was being written: this one is dropped
+            pass
+        return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except (OSError, ValueError, AttributeError):
+            self.to_nowhere()
+
+    def to_nowhere(self):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)  # so that Python's own flush at exit finds somewhere to write
+        os.close(devnull)
+        self.stream = open(os.devnull, "w")
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def quit_while_starting(signum, frame):
     print("\ninterrupted while starting: nothing was written", file=sys.stderr, flush=True)
     os._exit(128 + signum)
 
 
 if __name__ == "__main__":
+    sys.stderr = Notes(sys.stderr)
     try:  # flag errors, and what the file system alone tells, before the imports below spend seconds on torch
         first_look(*parse_args())
     except CheckpointError as err:
@@ -252,13 +327,21 @@ from dataset_utils import DataConfig, DataError, EvalLoader, load_cifar100, read
 from device_utils import (DeviceError, input_dtype, leave_together, on_main_rank, resolve_precision,  # noqa: E402
                           setup_runtime, teardown_runtime)
 from train_utils import (Config, EarlyStopping, NonFiniteLossError, build_run, check_model_config,  # noqa: E402
-                         describe_model_config, evaluate, fit, model_from_checkpoint, say, seed_everything, show,
+                         describe_model_config, evaluate, fit, model_from_checkpoint, seed_everything, show,
                          test_final_and_best)
 
 USER_ERRORS = (CheckpointError, DataError, DeviceError, NonFiniteLossError)
 
 
 def main(argv=None):
+    saved, sys.stderr = sys.stderr, Notes(sys.stderr)
+    try:
+        return run_main(argv)
+    finally:
+        sys.stderr = saved
+
+
+def run_main(argv):
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here a Ctrl-C is handled below
     args, explicit = parse_args(argv)
     try:
@@ -285,6 +368,7 @@ def main(argv=None):
 
 def resumed_config(args, explicit, checkpoint, path):
     """The settings of a run going on from `checkpoint`: its own, with the flags given now that may change."""
+    check_saved_settings(checkpoint["args"], path)
     config = Config.from_flags(args).resumed_from(checkpoint["args"], explicit, path)
     check_model_config(checkpoint, config.model_config, path)
     return config
@@ -356,8 +440,8 @@ def train_in(run_dir, config, runtime, loaders, resumed, resume_hint):
     if runtime.is_main:
         show(describe_outcome(run, outcome, time.perf_counter() - started, final_tests), run.interrupt)
         if outcome == "interrupted":
-            say(f"stopped at epoch {run.state.epoch + 1}, step {run.state.step}; checkpoint saved. Resume with:\n"
-                f"  {resume_hint}")
+            print(f"stopped at epoch {run.state.epoch + 1}, step {run.state.step}; checkpoint saved. Resume with:\n"
+                  f"  {resume_hint}", file=sys.stderr)
         if config.plot and run.state.history:
             draw_plot(run_dir)
     return 128 + run.interrupt.signum if outcome == "interrupted" else 0

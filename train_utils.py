@@ -199,9 +199,52 @@ def make_scheduler(optimizer, max_lr, total_steps, momentum_bounds=None):
                                                base_momentum=low, max_momentum=high)
 
 
+# What a schedule's state holds that follows from --epochs and the position (both may differ from this run's).
+SCHEDULE_LENGTH = ("total_steps", "_schedule_phases", "_last_lr", "last_epoch", "_step_count")
+
+
 def load_scheduler_state(scheduler, state):
-    """Restore the schedule's position; the planned length stays this run's, so --epochs may grow on resume."""
-    scheduler.load_state_dict({k: v for k, v in state.items() if k not in ("total_steps", "_schedule_phases")})
+    """Restore the schedule's position; the rest must be what this run's settings give (the planned length stays
+    this run's, so --epochs may grow on resume)."""
+    fresh = scheduler.state_dict()
+    if set(state) != set(fresh):
+        raise ValueError(f"it holds {sorted(state)}, not OneCycle's state")
+    for key, value in fresh.items():
+        if key not in SCHEDULE_LENGTH and (type(state[key]) is not type(value) or state[key] != value):
+            raise ValueError(f"its {key} is {state[key]!r}, where this run's settings give {value!r}")
+    position = state["last_epoch"], state["_step_count"]
+    if not all(is_a(value, int) and value >= 0 for value in position):
+        raise ValueError(f"its position {position} is not a count of steps")
+    scheduler.last_epoch, scheduler._step_count = position
+
+
+# Optimizer settings the schedule moves (their value is the checkpoint's), and those this machine chooses (never
+# the checkpoint's: a fused kernel exists only on CUDA).
+SCHEDULED = ("lr", "momentum")
+THIS_MACHINES = ("fused", "foreach", "differentiable", "capturable")
+
+
+def load_optimizer_state(optimizer, state):
+    """SGD's state as this run would have written it: the same settings (the scheduled ones numbers), then the
+    momentum buffers in their parameters' layouts."""
+    expected = optimizer.state_dict()["param_groups"]
+    groups = state.get("param_groups")
+    if not isinstance(groups, list) or len(groups) != len(expected) or not isinstance(state.get("state"), dict):
+        raise ValueError("it is not this model's SGD state")
+    for group, fresh in zip(groups, expected):
+        if not isinstance(group, dict) or set(group) != set(fresh):
+            raise ValueError(f"its settings are {sorted(group) if isinstance(group, dict) else group}, not SGD's")
+        for key, value in fresh.items():
+            if key in SCHEDULED:
+                if not (is_a(group[key], NUMBER) or isinstance(group[key], torch.Tensor) and group[key].numel() == 1):
+                    raise ValueError(f"its {key} is {group[key]!r}, not a number")
+            elif key not in THIS_MACHINES and (type(group[key]) is not type(value) or group[key] != value):
+                raise ValueError(f"its {key} is {group[key]!r}, where this run's settings give {value!r}")
+    optimizer.load_state_dict(state)
+    for group, fresh in zip(optimizer.param_groups, expected):
+        group.update({key: fresh[key] for key in THIS_MACHINES if key in fresh})
+    lr_to_float(optimizer)
+    match_parameter_layouts(optimizer)
 
 
 def current_lr(optimizer):
@@ -310,12 +353,13 @@ class Interrupt:
             os._exit(128 + signum)  # safe: every file is written to a temporary name and renamed
         self.signum = signum
         if self.announce:
-            say(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (again to quit at once)")
+            print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (again to quit at once)",
+                  file=sys.stderr, flush=True)
 
     def output_closed(self):
         if self.signum is None:
             self.signum = signal.SIGPIPE
-            say("note: standard output was closed: saving a checkpoint and stopping")
+            print("note: standard output was closed: saving a checkpoint and stopping", file=sys.stderr, flush=True)
 
     @property
     def requested(self):
@@ -327,14 +371,6 @@ class Interrupt:
         if signum and self.signum is None:
             self.signum = signum
         return signum > 0
-
-
-def say(text):
-    """A note on standard error, which may be closed too: then it goes nowhere."""
-    try:
-        print(text, file=sys.stderr, flush=True)
-    except (BrokenPipeError, ValueError, OSError):
-        pass
 
 
 def show(text, interrupt=None):
@@ -887,18 +923,20 @@ def train_epochs(run):
             run.state.step, run.state.epoch_totals = stopped_at_step, reduce_totals(totals, run.runtime)
             save_checkpoint(run, is_best=False)
             return "interrupted"
-        check_state_is_finite(unwrap_model(run.model), run.state.epoch)
         finish_epoch(run, summarize_epoch(totals, run.runtime))
         if run.interrupt.agreed(run.runtime):
             return "interrupted"
     return "early-stopped" if run.early_stopping.should_stop else "finished"
 
 
-def check_state_is_finite(model, epoch):
-    """A finite loss can hide diverged BatchNorm statistics: check every float tensor before saving them."""
-    floats = [tensor for tensor in model.state_dict().values() if tensor.is_floating_point()]
+def check_state_is_finite(run):
+    """A finite loss can hide diverged BatchNorm statistics: check every float tensor, the weight average's too,
+    before anything is saved."""
+    models = [unwrap_model(run.model)] + ([run.average.model] if run.average is not None else [])
+    floats = [tensor for model in models for tensor in model.state_dict().values() if tensor.is_floating_point()]
     if not torch.stack([tensor.isfinite().all() for tensor in floats]).all():
-        raise NonFiniteLossError(f"the weights or BatchNorm statistics became NaN or infinite in epoch {epoch + 1}")
+        epoch = run.state.epoch + (1 if run.state.step else 0)
+        raise NonFiniteLossError(f"the weights or BatchNorm statistics became NaN or infinite in epoch {epoch}")
 
 
 def resumed_totals(run):
@@ -983,7 +1021,9 @@ def log_tensorboard(writer, row):
 
 def save_checkpoint(run, is_best):
     """Snapshot the run's whole state to host memory now, for the run folder to write in the background
-    (a collective: every rank calls it, rank 0 writes, and every rank stops if its last write failed)."""
+    (a collective: every rank calls it, rank 0 writes, and every rank stops if its last write failed).
+    A diverged state is never written: the previous checkpoint stays."""
+    check_state_is_finite(run)
     rng_states = gather_rng_states(run.runtime)
     if run.run_dir is not None:
         on_main_rank(run.runtime, lambda: run.run_dir.save(checkpoint_of(run, rng_states), is_best))
@@ -1046,9 +1086,7 @@ def restore(checkpoint, path, model, optimizer, scheduler, average, early_stoppi
         with damage_reported(path, "weight average (--ema)"):
             average.model.load_state_dict(checkpoint["ema"])
     with damage_reported(path, "optimizer state"):
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        lr_to_float(optimizer)
-        match_parameter_layouts(optimizer)
+        load_optimizer_state(optimizer, checkpoint["optimizer"])
     with damage_reported(path, "schedule"):
         load_scheduler_state(scheduler, checkpoint["scheduler"])
         if scheduler.last_epoch != checkpoint["epoch"] * steps_per_epoch + checkpoint["step"]:

@@ -21,7 +21,7 @@ from run_dir import load_checkpoint, read_metrics
     ["--ra-num-ops", "3"], ["--auto-augment", "ta_wide", "--ra-magnitude", "5"], ["--auto-augment", "ra",
                                                                                   "--ra-magnitude", "31"],
     ["--device", "gpu"], ["--device", "CPU"], ["--device", "cuda:x"], ["--checkpoint-dir", ""], ["--data-dir", " "],
-    ["--workers", "100000"], ["--sync-bn"], ["--device", "tpu"],
+    ["--workers", "100000"], ["--sync-bn"], ["--device", "tpu"], ["--lr", "1e39"], ["--wd", "1e300"],
 ])
 def test_bad_flags_exit_2_with_a_message(train_main, capsys, flags):
     with pytest.raises(SystemExit) as exited:

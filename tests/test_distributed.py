@@ -131,3 +131,26 @@ def test_a_signal_that_reaches_one_rank_stops_every_rank_with_a_checkpoint(runs,
     assert err.count("exitcode  : 143") == 2  # both ranks stopped as on SIGTERM
     saved = load_checkpoint(folder / "last.pt")
     assert saved["epoch"] >= 1
+
+
+def test_ctrl_c_on_torchrun_saves_once_says_so_once_and_hints_the_torchrun_command(runs, tmp_path):
+    import signal
+    import time
+    cifar_dir, _, _, _ = runs
+    folder = tmp_path / "ckpt"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 str(REPO / "train.py"), *map(str, tiny_run_args(cifar_dir, folder, "--epochs", 1000,
+                                                                                 "--batch-size", 64))],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (folder / "last.pt").exists():
+        assert launcher.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(launcher.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the launcher and its workers
+    _, err = launcher.communicate(timeout=120)
+    assert err.count("SIGINT: saving a checkpoint after this step") == 1  # rank 0 says it for every rank
+    assert f"torchrun --standalone --nproc_per_node=2 train.py --resume {folder / 'last.pt'}" in err
+    saved = load_checkpoint(folder / "last.pt")
+    assert saved["epoch"] >= 1

@@ -301,9 +301,51 @@ def make_best_top1_negative(checkpoint):
     checkpoint["best_top1"] = -0.5
 
 
+def setting(name, value):
+    """A checkpoint whose saved settings say `name` is `value`."""
+    def damage(checkpoint):
+        checkpoint["args"][name] = value
+    damage.__name__ = f"setting_{name}_{value}"
+    return damage
+
+
+def optimizer_setting(name, value):
+    def damage(checkpoint):
+        checkpoint["optimizer"]["param_groups"][0][name] = value
+    damage.__name__ = f"optimizer_{name}_{value}"
+    return damage
+
+
+def schedule_field(name, value):
+    def damage(checkpoint):
+        checkpoint["scheduler"][name] = value
+    damage.__name__ = f"schedule_{name}_{value}"
+    return damage
+
+
+def drop_a_history_value(checkpoint):
+    del checkpoint["history"][0]["train_loss"]
+
+
+def make_a_history_value_a_string(checkpoint):
+    checkpoint["history"][1]["test_top1"] = "0.5"
+
+
+def misshape_the_epoch_totals(checkpoint):
+    checkpoint["epoch_totals"] = {"loss_sum": 1.0, "correct": 2.0}
+
+
 DAMAGES = [misshape_a_weight, drop_a_weight, add_a_weight, misshape_a_momentum_buffer, drop_an_optimizer_group,
            break_the_rng_state, move_the_schedule, make_a_setting_a_string, make_best_top1_a_string,
-           make_the_history_a_dict, make_best_top1_nan, make_best_top1_infinite, make_best_top1_negative]
+           make_the_history_a_dict, make_best_top1_nan, make_best_top1_infinite, make_best_top1_negative,
+           # settings the flags would refuse, and what else a checkpoint holds beyond what train.py writes
+           setting("lr", float("nan")), setting("weight_decay", float("nan")), setting("precision", "fp8"),
+           setting("cutout", 1000), setting("min_momentum", 5.0), setting("dropout", 5.0), setting("batch_size", -3),
+           setting("epochs", -1), setting("lr", -0.1), setting("label_smoothing", 5.0), setting("seed", -1),
+           setting("seed", 2**40), setting("mixup", -1.0), setting("an_unknown_setting", 1),
+           optimizer_setting("weight_decay", None), optimizer_setting("momentum", "0.9"),
+           schedule_field("_anneal_func_type", "foo"), schedule_field("cycle_momentum", True),
+           drop_a_history_value, make_a_history_value_a_string, misshape_the_epoch_totals]
 
 
 @pytest.mark.parametrize("damage", DAMAGES, ids=[damage.__name__ for damage in DAMAGES])
@@ -333,21 +375,97 @@ def test_evaluate_refuses_a_checkpoint_naming_a_model_it_does_not_know(trained, 
     assert_one_line_error(capsys.readouterr().err, str(path), "resnet9000")
 
 
+# ---- the background writer's own failures ----
+
+
+class ThreadsRefused:
+    """threading as a loaded machine offers it: no new thread can start."""
+
+    class Thread:
+        def __init__(self, **kwargs):
+            pass
+
+        def start(self):
+            raise RuntimeError("can't start new thread")
+
+
+def test_a_writer_thread_that_cannot_start_stops_the_run_in_one_line(trained, tmp_path, train_main, capsys,
+                                                                       monkeypatch):
+    import run_dir
+    cifar_dir, folder = copy_of(trained, tmp_path)
+    before = contents(folder)
+    monkeypatch.setattr(run_dir, "threading", ThreadsRefused)
+    capsys.readouterr()
+    assert train_main(tiny_run_args(cifar_dir, folder, "--resume", "--epochs", 3)) == 1
+    assert_one_line_error(capsys.readouterr().err, f"could not start writing {folder / 'last.pt'} (can't start new "
+                                                   f"thread)")
+    assert contents(folder) == before
+
+
+@pytest.mark.parametrize("error", [MemoryError(), TypeError("cannot pickle '_thread.lock' object")],
+                         ids=["memory", "pickling"])
+def test_any_error_of_the_writer_stops_the_run_in_one_line_naming_the_file(trained, tmp_path, train_main, capsys,
+                                                                           monkeypatch, error):
+    import run_dir
+    cifar_dir, folder = copy_of(trained, tmp_path)
+    before = contents(folder)
+
+    def fails(checkpoint):
+        raise error
+
+    monkeypatch.setattr(run_dir, "checkpoint_bytes", fails)
+    capsys.readouterr()
+    assert train_main(tiny_run_args(cifar_dir, folder, "--resume", "--epochs", 4)) == 1
+    assert_one_line_error(capsys.readouterr().err, f"could not write {folder / 'last.pt'}: {type(error).__name__}")
+    assert contents(folder) == before
+
+
+def test_a_state_that_diverged_mid_epoch_is_never_saved_at_an_interrupt(trained, tmp_path, train_main, capsys,
+                                                                        monkeypatch):
+    import train
+    import train_utils
+    cifar_dir, folder = copy_of(trained, tmp_path)
+    before, runs, calls = contents(folder), [], []
+
+    def build_and_keep(*args, **kwargs):
+        runs.append(train_utils.build_run(*args, **kwargs))
+        return runs[-1]
+
+    def diverges_then_interrupted(logits, labels):  # the loss stays finite; a BatchNorm variance does not
+        calls.append(1)
+        if len(calls) == 5:
+            batch_norm = next(m for m in runs[0].model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+            batch_norm.running_var.data.fill_(float("inf"))  # .data: behind autograd's back, as a diverging update
+            os.kill(os.getpid(), signal.SIGINT)
+        return torch.nn.functional.cross_entropy(logits, labels)
+
+    monkeypatch.setattr(train, "build_run", build_and_keep)
+    monkeypatch.setattr(train_utils, "make_criterion", lambda label_smoothing: diverges_then_interrupted)
+    capsys.readouterr()
+    assert train_main(tiny_run_args(cifar_dir, folder, "--resume", "--epochs", 4)) == 1
+    note, error = capsys.readouterr().err.strip().splitlines()
+    assert note.startswith("SIGINT: saving a checkpoint") and error.startswith("error: ")
+    assert "NaN or infinite in epoch 3" in error and f"the last good checkpoint, {folder / 'last.pt'}, left" in error
+    assert contents(folder) == before
+
+
 # ---- outputs and signals ----
 
 
-def test_a_closed_stdout_stops_the_run_with_the_finished_epoch_saved(trained, tmp_path):
+@pytest.mark.parametrize("stderr", ["open", "closed"])
+def test_a_closed_stdout_stops_the_run_with_a_checkpoint_that_resumes_exactly(trained, tmp_path, stderr):
     cifar_dir, _ = trained
     folder = tmp_path / "ckpt"
-    process = start_train(REPO / "train.py", *tiny_run_args(cifar_dir, folder, "--epochs", 2))
-    process.stdout.readline()  # `| head -1`: one line read, then the pipe is closed
-    process.stdout.close()
-    err = process.stderr.read()
+    closes_stderr = {"preexec_fn": lambda: os.close(2)} if stderr == "closed" else {}  # `2>&-`
+    process = start_train(REPO / "train.py", *tiny_run_args(cifar_dir, folder, "--epochs", 2), **closes_stderr)
+    process.stdout.close()  # before the run writes its first line, whatever the machine's load: `| head -0`
+    err = process.stderr.read() if stderr == "open" else ""
     assert process.wait(timeout=120) == 128 + signal.SIGPIPE, err
-    assert "Traceback" not in err and "standard output was closed" in err
-    assert f"python train.py --resume {folder / 'last.pt'}" in err
+    assert "Traceback" not in err
+    if stderr == "open":
+        assert "standard output was closed" in err and f"python train.py --resume {folder / 'last.pt'}" in err
     saved = load_checkpoint(folder / "last.pt")
-    assert (saved["epoch"], saved["step"]) == (1, 0)  # the epoch whose line could not be shown is on disk
+    assert (saved["epoch"], saved["step"]) == (0, 1)  # noticed at the first line: stopped at the first sync point
     resumed = run_train(*tiny_run_args(cifar_dir, folder, "--resume", "--epochs", 2))
     assert resumed.returncode == 0, resumed.stderr
     reference = load_weights(trained[1] / "last.pt")
