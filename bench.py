@@ -13,17 +13,48 @@ one's augmentation runs beside the one before, as in train.py), the bare step on
 (the ceiling), augmentation of an epoch alone and the test pass. A row whose spread exceeds 10 % of its
 median is flagged: the machine was busy, so compare it with care.
 """
-import argparse
 import math
 import statistics
+import sys
 import time
 
-import torch
+from cli import POSITIVE_FLOAT, POSITIVE_INT, Parser, bounded, comma_separated, one_of
 
-from dataset_utils import EvalLoader, TrainLoader, plan_epoch
-from device_utils import Runtime, get_device, input_dtype, resolve_precision, synchronize
-from train import parse_args as parse_train_flags
-from train_utils import Config, build_run, evaluate, train_one_epoch
+
+def parse_args(argv=None):
+    parser = Parser(__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
+    parser.add_argument("--models", type=comma_separated(one_of("resnet18", "wideresnet")), default="resnet18",
+                        help="comma-separated: resnet18, wideresnet (WRN-28-10)")
+    parser.add_argument("--batch-sizes", type=comma_separated(POSITIVE_INT), default="128,512",
+                        help="comma-separated")
+    parser.add_argument("--precisions", type=comma_separated(one_of("auto", "bf16", "fp32")), default="auto",
+                        help="comma-separated: auto, bf16, fp32")
+    parser.add_argument("--train-images", type=POSITIVE_INT, default=50_000, help="images in a timed epoch")
+    parser.add_argument("--test-images", type=POSITIVE_INT, default=10_000, help="images in a timed test pass")
+    parser.add_argument("--test-batch-size", type=POSITIVE_INT, default=1000, help="evaluation batch")
+    parser.add_argument("--steps", type=POSITIVE_INT, default=50, help="bare training steps per timed run")
+    parser.add_argument("--repeats", type=bounded(int, low=1), default=5, help="timed runs of each measurement")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model as well")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="eager steps on CUDA")
+    parser.add_argument("--auto-augment", choices=["ta_wide", "ra"], help="train.py's augmentation policy")
+    parser.add_argument("--sam", type=POSITIVE_FLOAT, help="train.py's --sam RHO: two passes per step")
+    args = parser.parse_args(argv)
+    too_big = [size for size in args.batch_sizes if size > args.train_images]
+    if too_big:
+        parser.error(f"--batch-sizes {too_big[0]} is more than --train-images {args.train_images}")
+    return args
+
+
+if __name__ == "__main__":
+    parse_args()  # answers --help and flag errors now, before the imports below spend seconds loading torch
+
+import torch  # noqa: E402
+
+from dataset_utils import EvalLoader, TrainLoader, plan_epoch  # noqa: E402
+from device_utils import DeviceError, Runtime, get_device, input_dtype, resolve_precision, synchronize  # noqa: E402
+from train import parse_args as parse_train_flags  # noqa: E402
+from train_utils import Config, build_run, evaluate, train_one_epoch  # noqa: E402
 
 NOISY_SPREAD = 0.10
 
@@ -125,27 +156,19 @@ def format_row(row):
             + (" spread > 10 %: busy machine?" if row["noisy"] else ""))
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--models", default="resnet18", help="comma-separated: resnet18, wideresnet")
-    parser.add_argument("--batch-sizes", default="128,512", help="comma-separated")
-    parser.add_argument("--precisions", default="auto", help="comma-separated: auto, bf16, fp32")
-    parser.add_argument("--train-images", type=int, default=50_000)
-    parser.add_argument("--test-images", type=int, default=10_000)
-    parser.add_argument("--test-batch-size", type=int, default=1000)
-    parser.add_argument("--steps", type=int, default=50, help="bare training steps per timed run")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model as well")
-    parser.add_argument("--no-cuda-graphs", action="store_true", help="eager steps on CUDA")
-    parser.add_argument("--auto-augment", choices=["ta_wide", "ra"], help="train.py's augmentation policy")
-    parser.add_argument("--sam", type=float, help="train.py's --sam RHO: two passes per step")
-    return parser.parse_args(argv)
-
-
 def main(argv=None):
     args = parse_args(argv)
-    device = get_device(args.device)
+    try:
+        device = get_device(args.device)
+    except DeviceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    run_benchmarks(args, device)
+    return 0
+
+
+def run_benchmarks(args, device):
+    """Print the table's header, then a row for each model, precision and batch size as it is measured."""
     torch.backends.cudnn.benchmark = True
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{device.type}, {torch.get_num_threads()} threads"
@@ -154,13 +177,13 @@ def main(argv=None):
     print(HEADER)
     print("|" + "---|" * (HEADER.count("|") - 1), flush=True)
     rows = []
-    for name in args.models.split(","):
-        for precision in args.precisions.split(","):
-            for batch_size in map(int, args.batch_sizes.split(",")):
+    for name in args.models:
+        for precision in args.precisions:
+            for batch_size in args.batch_sizes:
                 rows.append(bench_one(name, batch_size, precision, args, device))
                 print(format_row(rows[-1]), flush=True)
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -96,6 +96,9 @@ def read_cifar100(data_dir, download=True):
     folder = root / FOLDER_NAME
     if root.exists() and not root.is_dir():
         raise DataError(f"--data-dir {root} is a file, not a folder")
+    if all((root / name).is_file() for name in SPLIT_FILES):
+        raise DataError(f"{root} is the {FOLDER_NAME} folder itself: point --data-dir at its parent, "
+                        f"{root.resolve().parent}")
     for name in SPLIT_FILES:
         path = folder / name
         if (path.exists() or path.is_symlink()) and not path.is_file():
@@ -115,8 +118,8 @@ def fetch_archive(root, download):
     archive = root / ARCHIVE_NAME
     if not archive.is_file():
         if not download:
-            raise DataError(f"CIFAR-100 not found: put {ARCHIVE_NAME} or its extracted {FOLDER_NAME}/ folder in "
-                            f"{root.resolve()} (see the README's Data section), or drop --no-download")
+            raise DataError(f"CIFAR-100 not found: put {ARCHIVE_NAME} ({ARCHIVE_URL}) or its extracted "
+                            f"{FOLDER_NAME}/ folder in {root.resolve()}, or drop --no-download")
         download_archive(archive)
     actual = file_md5(archive)
     if actual != ARCHIVE_MD5:
@@ -144,8 +147,8 @@ def download_archive(archive):
         for folder in created:
             with contextlib.suppress(OSError):
                 folder.rmdir()
-        raise DataError(f"could not download CIFAR-100 ({describe(err)}); put {ARCHIVE_NAME} or its extracted "
-                        f"{FOLDER_NAME}/ folder in {archive.parent.resolve()} (see the README's Data section)") from None
+        raise DataError(f"could not download CIFAR-100 ({describe(err)}); fetch {ARCHIVE_URL} elsewhere and put it, "
+                        f"or its extracted {FOLDER_NAME}/ folder, in {archive.parent.resolve()}") from None
 
 
 def file_md5(path):
@@ -491,14 +494,15 @@ class TrainLoader:
         return prepared
 
     def batches(self, epoch, start_step=0):
+        """This rank's (images, targets) batches of `epoch` from `start_step`; the epoch is augmented (or its
+        preparation taken) now, at the call, so that the first batch is no slower than the others."""
         per_rank = self.images_per_rank_step
         prepared = self.take_prepared(epoch)
         if prepared is None:
             images, targets = self.augmented(epoch, start_step)
         else:
             images, targets = prepared.images[start_step * per_rank:], prepared.targets[start_step:]
-        for index in range(len(targets)):
-            yield images[index * per_rank:(index + 1) * per_rank], targets[index]
+        return ((images[index * per_rank:(index + 1) * per_rank], targets[index]) for index in range(len(targets)))
 
 
 class EvalLoader:

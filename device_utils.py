@@ -173,8 +173,9 @@ def on_main_rank(runtime, action):
 
 
 def leave_together(runtime):
-    """After an error or an interrupt every rank stopped on: wait for rank 0 to have said so, then exit alike.
-    torchrun stops the remaining workers the moment one exits; that SIGTERM is ignored, as this rank is leaving."""
+    """At a run's end (after an error or an interrupt every rank stopped on, too): wait for rank 0 to have said
+    what it says, then exit alike. torchrun stops the remaining workers the moment one exits with an error; that
+    SIGTERM is ignored, as this rank is leaving."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     dist.barrier()
 

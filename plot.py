@@ -2,55 +2,99 @@
 
     python plot.py checkpoint/metrics.csv          # writes checkpoint/metrics.png
 """
-import argparse
+import csv
 import sys
 from pathlib import Path
 
-from run_dir import read_metrics
+from cli import Parser
+from run_dir import METRICS_COLUMNS
+
+CURVES = ((("train_loss", "val_loss", "test_loss"), 1, "cross-entropy", "loss"),
+          (("train_top1", "val_top1", "val_top5", "test_top1", "test_top5", "raw_top1"), 100, "%", "accuracy"))
 
 
 class PlotError(RuntimeError):
-    """The plot cannot be drawn: no matplotlib, or no readable metrics."""
+    """The plot cannot be drawn: no matplotlib, no readable metrics, or nowhere to write it."""
+
+
+def matplotlib_missing():
+    """Why no plot can be drawn here (matplotlib is not installed), or None."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "plotting needs matplotlib: pip install matplotlib"
+    return None
+
+
+def read_rows(metrics_path):
+    """The epochs of a metrics.csv that train.py wrote; anything else is a PlotError naming the file."""
+    try:
+        with open(metrics_path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+            columns = reader.fieldnames or []
+    except OSError as err:
+        raise PlotError(f"cannot read {metrics_path}: {err.strerror or err}") from None
+    except (UnicodeDecodeError, csv.Error):
+        raise PlotError(f"{metrics_path} is not a metrics.csv written by train.py (it is not text)") from None
+    if "epoch" not in columns or not set(columns) <= set(METRICS_COLUMNS):
+        raise PlotError(f"{metrics_path} is not a metrics.csv written by train.py (its columns are "
+                        f"{', '.join(columns) or 'missing'})")
+    if not rows:
+        raise PlotError(f"{metrics_path} has no epochs yet")
+    try:
+        return [{key: float(value) for key, value in row.items() if value} for row in rows]
+    except (TypeError, ValueError):
+        raise PlotError(f"{metrics_path} is not a metrics.csv written by train.py (it holds values that are not "
+                        f"numbers)") from None
+
+
+def draw(rows):
+    """A figure with loss (train, val or test) and top-1/top-5 accuracy per epoch side by side: each epoch a
+    marker, so that a single epoch shows, and whole-number epochs on the axis."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only: works with no display
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    figure, all_axes = plt.subplots(1, 2, figsize=(11, 4))
+    epochs = [int(row["epoch"]) for row in rows]
+    for axes, (keys, scale, unit, title) in zip(all_axes, CURVES):
+        for key in keys:
+            if key in rows[0]:  # a run fills either the val or the test columns each epoch
+                axes.plot(epochs, [scale * row[key] for row in rows], marker="o", markersize=3,
+                          label=key.replace("_", " "))
+        axes.set(xlabel="epoch", ylabel=unit, title=title, xlim=(min(epochs) - 0.5, max(epochs) + 0.5))
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.tight_layout()
+    return figure
 
 
 def plot_metrics(metrics_path, png_path=None):
-    """Draw loss (train, test) and top-1/top-5 accuracy per epoch side by side; returns the PNG's path."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only: works with no display
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise PlotError("plotting needs matplotlib: pip install matplotlib") from None
+    """Draw a metrics.csv's curves to a PNG (default: beside it); returns the PNG's path."""
+    missing = matplotlib_missing()
+    if missing:
+        raise PlotError(missing)
     metrics_path = Path(metrics_path)
-    try:
-        rows = read_metrics(metrics_path)
-    except OSError as err:
-        raise PlotError(f"cannot read {metrics_path}: {err.strerror or err}") from None
-    if not rows:
-        raise PlotError(f"{metrics_path} has no epochs yet")
-    epochs = [int(row["epoch"]) for row in rows]
-    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(11, 4))
-    for axes, keys, scale in ((loss_axes, ("train_loss", "val_loss", "test_loss"), 1),
-                              (accuracy_axes, ("train_top1", "val_top1", "val_top5", "test_top1", "test_top5"), 100)):
-        for key in keys:
-            if rows[0].get(key):  # a run fills either the val or the test columns each epoch
-                axes.plot(epochs, [scale * float(row[key]) for row in rows], label=key.replace("_", " "))
-    loss_axes.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    accuracy_axes.set(xlabel="epoch", ylabel="%", title="accuracy")
-    for axes in (loss_axes, accuracy_axes):
-        axes.grid(alpha=0.3)
-        axes.legend()
     png_path = Path(png_path) if png_path else metrics_path.with_suffix(".png")
-    figure.tight_layout()
-    figure.savefig(png_path, dpi=120)
-    plt.close(figure)
+    if not png_path.parent.is_dir():
+        raise PlotError(f"cannot write {png_path}: the folder {png_path.parent} does not exist")
+    figure = draw(read_rows(metrics_path))
+    import matplotlib.pyplot as plt
+    try:
+        figure.savefig(png_path, dpi=120)
+    except (OSError, ValueError) as err:
+        raise PlotError(f"cannot write {png_path}: {getattr(err, 'strerror', None) or err}") from None
+    finally:
+        plt.close(figure)
     return png_path
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Plot a run's metrics.csv to a PNG.")
-    parser.add_argument("metrics", nargs="?", default="checkpoint/metrics.csv")
-    parser.add_argument("-o", "--output", help="PNG path (default: beside the CSV)")
+    parser = Parser("Plot a run's metrics.csv to a PNG.")
+    parser.add_argument("metrics", nargs="?", default="checkpoint/metrics.csv", help="a metrics.csv of train.py")
+    parser.add_argument("-o", "--output", help="the PNG to write (default: beside the CSV, as metrics.png)")
     args = parser.parse_args(argv)
     try:
         print(plot_metrics(args.metrics, args.output))

@@ -2,15 +2,16 @@
 
 `RunDir` is the only code that knows the folder's layout. A folder holds one run: every
 checkpoint carries the run's id, and a folder is continued only by a resume of the run it
-holds. A save writes last.pt first, then best.pt and metrics.csv: last.pt is the commit
-point, and every start of a resumed run brings best.pt and metrics.csv up to it, so a kill
-between two writes loses nothing. Importing this module does not load torch (reading and
+holds. A save writes last.pt first, then best.pt, metrics.csv and config.json: last.pt is the
+commit point, and every start of a resumed run brings the others up to it, so a kill between
+two writes loses nothing. Importing this module does not load torch (reading and
 writing checkpoints does), so train.py can check a folder before it spends seconds on that.
 """
 import contextlib
 import csv
 import fcntl
 import io
+import json
 import os
 import pickle
 import re
@@ -101,6 +102,10 @@ def load_checkpoint(path):
         raise CheckpointError(f"no checkpoint at {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty, not a checkpoint")
+    with open(path, "rb") as handle:
+        start = handle.read(2)
+    if start != b"PK" and start[:1] != b"\x80":  # torch.save writes a zip archive (or, long ago, a pickle)
+        raise CheckpointError(f"{path} is not a checkpoint: torch.save did not write it")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -187,20 +192,21 @@ class RunDir:
     """One run's folder: its layout, its lock, and its writes.
 
     `claim` takes the lock before anything in the folder is read, and holds it until `close`;
-    `save` writes a checkpoint from a background thread (last.pt, then best.pt, then
-    metrics.csv, each atomically), so the next epoch starts at once; a failed write is raised,
+    `save` writes a checkpoint from a background thread (last.pt, then best.pt, metrics.csv and
+    config.json, each atomically), so the next epoch starts at once; a failed write is raised,
     as a CheckpointError, by the next `save` or `wait`. Only the process that claimed the
     folder writes to it.
     """
 
-    LAST, BEST, METRICS, LOCK = "last.pt", "best.pt", "metrics.csv", ".lock"
+    LAST, BEST, METRICS, CONFIG, LOCK = "last.pt", "best.pt", "metrics.csv", "config.json", ".lock"
     PLOT, TENSORBOARD, PROBE = "metrics.png", "tensorboard", ".write-test"
-    OURS = (LAST, BEST, METRICS, PLOT, TENSORBOARD)  # any of them means the folder holds a run
+    OURS = (LAST, BEST, METRICS, CONFIG, PLOT, TENSORBOARD)  # any of them means the folder holds a run
 
     def __init__(self, path):
         self.path = Path(path)
         self.last, self.best, self.metrics = self.path / self.LAST, self.path / self.BEST, self.path / self.METRICS
-        self.plot, self.tensorboard = self.path / self.PLOT, self.path / self.TENSORBOARD
+        self.config, self.plot, self.tensorboard = self.path / self.CONFIG, self.path / self.PLOT, \
+            self.path / self.TENSORBOARD
         self.lock = self.thread = self.error = None
         self.created = False
 
@@ -288,7 +294,7 @@ class RunDir:
     def remove_own_temporaries(self):
         """What a kill mid-write left; the real files beside them are whole."""
         for entry in self.path.iterdir():
-            if is_temporary_of(entry.name, (self.LAST, self.BEST, self.METRICS, self.PROBE)) and entry.is_file():
+            if is_temporary_of(entry.name, (*self.OURS, self.PROBE)) and entry.is_file():
                 entry.unlink()
 
     def reconcile(self):
@@ -305,7 +311,12 @@ class RunDir:
             else:
                 print(f"note: {self.best} does not hold epoch {best_epochs[-1]}, the best one {self.last} records, "
                       f"and cannot be rebuilt from it", file=sys.stderr)
-        atomic_write(self.metrics, metrics_text(last["history"]).encode())
+        self.write_records(last)
+
+    def write_records(self, checkpoint):
+        """metrics.csv and config.json, the run's readable records, from a checkpoint."""
+        atomic_write(self.metrics, metrics_text(checkpoint["history"]).encode())
+        atomic_write(self.config, (json.dumps(checkpoint["args"], indent=2, sort_keys=True) + "\n").encode())
 
     def epoch_in_best(self):
         """The epoch best.pt holds; None if it is missing or unreadable."""
@@ -335,7 +346,7 @@ class RunDir:
                 path = self.best
                 atomic_write(path, data)
             path = self.metrics
-            atomic_write(path, metrics_text(checkpoint["history"]).encode())
+            self.write_records(checkpoint)
         except CheckpointError as err:
             self.error = err
         except BaseException as err:  # noqa: BLE001 - a MemoryError or a pickling error must not vanish

@@ -11,7 +11,7 @@ import time
 STARTED = time.time()  # before the heavy imports, so "first step after" counts them
 
 import argparse
-import math
+import contextlib
 import os
 import re
 import shlex
@@ -20,6 +20,8 @@ import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
+from cli import (FRACTION, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, FlagError, Parser,
+                 bounded, non_empty)
 from run_dir import CheckpointError, RunDir, load_checkpoint
 
 PRESETS = {
@@ -31,41 +33,6 @@ PRESETS = {
 }
 
 
-FLOAT32_MAX = 3.4028234663852886e38  # what a float setting must fit in: the training computes in float32
-
-
-def bounded(kind, low=None, high=None, low_open=False, high_open=False):
-    """An argparse type that converts with `kind` and checks the value lies in the stated range (a float's within
-    float32's, too)."""
-    if kind is float and high is None:
-        high = FLOAT32_MAX
-
-    def convert(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
-        too_low = low is not None and (value <= low if low_open else value < low)
-        too_high = high is not None and (value >= high if high_open else value > high)
-        if too_low or too_high or not math.isfinite(value):
-            left = "(" if low_open else "["
-            right = ")" if high_open else "]"
-            span = f"{left}{'-inf' if low is None else bound_text(low)}, {'inf' if high is None else bound_text(high)}{right}"
-            raise argparse.ArgumentTypeError(f"{text} is outside {span}")
-        return value
-    return convert
-
-
-def bound_text(bound):
-    return f"{bound:g}" if isinstance(bound, float) else str(bound)
-
-
-def non_empty(text):
-    if not text.strip():
-        raise argparse.ArgumentTypeError("an empty path names no folder")
-    return text
-
-
 def device_name(text):
     """auto, cpu, mps, cuda or cuda:N, checked by its form alone (whether it exists needs torch)."""
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
@@ -73,34 +40,8 @@ def device_name(text):
     return text
 
 
-POSITIVE_INT = bounded(int, low=1)
-NON_NEGATIVE_INT = bounded(int, low=0)
-POSITIVE_FLOAT = bounded(float, low=0, low_open=True)
-NON_NEGATIVE_FLOAT = bounded(float, low=0)
-FRACTION = bounded(float, low=0, high=1, high_open=True)
-
-
-class FlagError(ValueError):
-    """A setting outside what its flag accepts."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with every default in --help, and flag errors in one line instead of behind the usage block; with
-    `raising`, an error is a FlagError instead (for settings that come from a checkpoint, not a command line)."""
-
-    def __init__(self, raising=False):
-        super().__init__(description="Train ResNet18 or WideResNet on CIFAR-100.",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        self.raising = raising
-
-    def error(self, message):
-        if self.raising:
-            raise FlagError(message)
-        self.exit(2, f"{self.prog}: error: {message} (see python {self.prog} --help)\n")
-
-
 def build_parser(raising=False):
-    parser = Parser(raising)
+    parser = Parser("Train ResNet18 or WideResNet on CIFAR-100.", raising)
     model = parser.add_argument_group("model")
     model.add_argument("--model", choices=["resnet18", "wideresnet"], default="resnet18", help="the network")
     model.add_argument("--depth", type=bounded(int, low=10), default=28, help="WideResNet depth, 6n+4")
@@ -209,8 +150,17 @@ def parse_args(argv=None):
         if flag in explicit and not (getattr(args, needs) if value is None else getattr(args, needs) == value):
             parser.error(f"--{flag.replace('_', '-')} needs --{needs.replace('_', '-')}{' ' + value if value else ''}")
     if args.cutmix_prob is None:
-        args.cutmix_prob = 0.5 if args.mixup else 1.0
+        args.cutmix_prob = 0.5 if args.mixup and args.cutmix else 1.0
     return args, explicit
+
+
+def as_flags(settings):
+    """The command-line words for settings (name: value): a switch when True, left out when None or False."""
+    words = []
+    for name, value in settings.items():
+        if value is not None and value is not False:
+            words += ["--" + name.replace("_", "-")] + ([] if value is True else [str(value)])
+    return words
 
 
 def check_combination(args, parser):
@@ -229,11 +179,7 @@ def check_saved_settings(saved, path):
     unknown = sorted(set(saved) - set(rules))
     if unknown:
         raise CheckpointError(f"{path} is damaged: its settings hold {', '.join(unknown)}, which train.py has not")
-    flags = []
-    for name, value in saved.items():
-        if rules[name] == "this command's" or value is None or value is False:  # never taken from a checkpoint
-            continue
-        flags += ["--" + name.replace("_", "-")] + ([] if value is True else [str(value)])
+    flags = as_flags({name: value for name, value in saved.items() if rules[name] != "this command's"})
     parser = build_parser(raising=True)
     try:
         check_combination(parser.parse_args(flags), parser)
@@ -352,7 +298,7 @@ def run_main(argv):
         if args.evaluate is not None:
             return evaluate_checkpoint(args, explicit, runtime)
         code = train(args, explicit, runtime)
-        if code and runtime.distributed:  # an interrupt every rank agreed on: rank 0 has saved and said so
+        if runtime.distributed:  # finished, or an interrupt every rank agreed on: rank 0 has saved and said so
             leave_together(runtime)
         return code
     except USER_ERRORS as err:
@@ -398,13 +344,9 @@ def resume_command(last, explicit):
         if processes != os.environ["WORLD_SIZE"]:  # several nodes: their rendezvous is the user's to repeat
             launcher = ["torchrun", f"--nnodes={int(os.environ['WORLD_SIZE']) // int(processes)}",
                         f"--nproc_per_node={processes}", "...", "train.py"]
-    flags = []
-    for setting in fields(Config):
-        value = explicit.get(setting.name)
-        if setting.metadata.get("on_resume") != "this command's" or setting.name == "checkpoint_dir" or \
-                value in (None, False):
-            continue
-        flags += ["--" + setting.name.replace("_", "-")] + ([] if value is True else [str(value)])
+    flags = as_flags({setting.name: explicit[setting.name] for setting in fields(Config)
+                      if setting.metadata.get("on_resume") == "this command's" and setting.name in explicit
+                      and setting.name != "checkpoint_dir"})
     return shlex.join([*launcher, "--resume", str(last), *flags])
 
 
@@ -426,8 +368,9 @@ def train_in(run_dir, config, runtime, loaders, resumed, resume_hint):
     run = build_run(config, runtime, loaders, run_dir, resumed)
     if runtime.is_main:
         show(describe_run(run, resumed), run.interrupt)
+    plot = config.plot and runtime.is_main and plot_is_possible()
     run.interrupt.install()
-    started = time.perf_counter()
+    epochs_before, started = run.state.epoch, time.perf_counter()
     try:
         outcome = fit(run)
     except NonFiniteLossError as err:
@@ -435,14 +378,14 @@ def train_in(run_dir, config, runtime, loaders, resumed, resume_hint):
                 else "no checkpoint written yet")
         raise NonFiniteLossError(f"{err}; stopped with {kept}") from None
     if runtime.is_main:
-        show(describe_timing(run), run.interrupt)
+        show(describe_timing(run, epochs_before + 1), run.interrupt)
     final_tests = test_final_and_best(run) if run.val_loader is not None and outcome != "interrupted" else None
     if runtime.is_main:
-        show(describe_outcome(run, outcome, time.perf_counter() - started, final_tests), run.interrupt)
+        show(describe_outcome(run, outcome, time.perf_counter() - started, epochs_before, final_tests), run.interrupt)
         if outcome == "interrupted":
             print(f"stopped at epoch {run.state.epoch + 1}, step {run.state.step}; checkpoint saved. Resume with:\n"
                   f"  {resume_hint}", file=sys.stderr)
-        if config.plot and run.state.history:
+        if plot and run.state.history:
             draw_plot(run_dir)
     return 128 + run.interrupt.signum if outcome == "interrupted" else 0
 
@@ -457,11 +400,21 @@ def describe_run(run, resumed):
              f"{plural(config.epochs, 'epoch')}, OneCycle peak lr {config.lr}, momentum {config.momentum}, "
              f"checkpoints in {run.run_dir.path}/",
              f"training on {len(run.train_loader.images):,} images; best.pt and early stopping judged on the "
-             f"{run.selection_split} set"]
+             f"{run.selection_split} set",
+             describe_recipe(config)]
     if resumed is not None:
         lines.append(f"resumed from {resumed[1]} at epoch {run.state.epoch + 1}, step {run.state.step}"
                      + describe_early_stop(run, resumed[0]))
     return "\n".join(lines)
+
+
+def describe_recipe(config):
+    """The recipe's settings that differ from the defaults, as the flags that give them."""
+    defaults = Config.from_flags(parse_args([])[0])
+    changed = {setting.name: getattr(config, setting.name) for setting in fields(Config)
+               if setting.metadata.get("on_resume") != "this command's"
+               and getattr(config, setting.name) != getattr(defaults, setting.name)}
+    return "recipe: " + (shlex.join(as_flags(changed)) if changed else "the defaults")
 
 
 def describe_early_stop(run, checkpoint):
@@ -481,26 +434,32 @@ def plural(count, noun):
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def describe_timing(run):
-    """Start-up: the first step (cudnn's tuning, compilation) and the graph capture, left out of epoch times and img/s."""
+def describe_timing(run, first_epoch):
+    """Start-up: the first step (with cudnn's search and compilation) and the graph capture, left out of epoch
+    times and img/s."""
     step = run.train_step
     if step.first_step_at is None:
         return "no training step ran"
+    work = ["the first step"] + ["cudnn's choice of algorithms"] * (run.runtime.device.type == "cuda") + \
+        ["compilation"] * run.config.compile + ["the CUDA graph capture"] * (step.graph is not None)
     return (f"first training step done {step.first_step_at - STARTED:.1f}s after start; {step.setup_seconds:.2f}s of "
-            f"start-up work in epoch 1 (the first step's cudnn tuning or compilation, the CUDA graph capture) "
-            f"not counted in epoch times; training step: {step.kind}")
+            f"start-up work in epoch {first_epoch} ({', '.join(work)}) not counted in epoch times; "
+            f"training step: {step.kind}")
 
 
-def describe_outcome(run, outcome, seconds, final_tests=None):
+def describe_outcome(run, outcome, seconds, epochs_before, final_tests=None):
+    """The run's end: how it ended, its accuracy and speed; after a resume, what this process did of it."""
     state = run.state
     if outcome == "interrupted":
-        return f"interrupted after {plural(state.epoch, 'full epoch')}, {seconds:.1f}s"
+        return f"interrupted after {plural(state.epoch, 'full epoch')}, {seconds:.1f}s in this process"
     history = state.history
     images_per_sec = sum(row["images"] for row in history) / max(sum(row["train_seconds"] for row in history), 1e-9)
     split = run.selection_split
     final_top1 = history[-1][f"{split}_top1"] if history else 0.0
     reason = "early stop: target reached" if outcome == "early-stopped" else "done"
-    summary = (f"{reason} after {plural(state.epoch, 'epoch')}, {seconds:.1f}s "
+    here = f"{seconds:.1f}s" if not epochs_before else \
+        f"{plural(state.epoch - epochs_before, 'epoch')} of them in this process, in {seconds:.1f}s"
+    summary = (f"{reason} after {plural(state.epoch, 'epoch')}, {here} "
                f"({sum(row['epoch_seconds'] for row in history):.1f}s of epochs in all); final {split} top-1 "
                f"{100 * final_top1:.2f}%, best {split} top-1 {100 * state.best_top1:.2f}%; "
                f"{images_per_sec:,.0f} img/s overall")
@@ -535,5 +494,26 @@ def draw_plot(run_dir):
         print(f"note: --plot skipped: {err}", file=sys.stderr)
 
 
+def plot_is_possible():
+    """--plot needs matplotlib: said at the start of a run, not after hours of training."""
+    from plot import matplotlib_missing
+    missing = matplotlib_missing()
+    if missing:
+        print(f"note: --plot will draw nothing: {missing}", file=sys.stderr)
+    return not missing
+
+
+def exit_worker(code):
+    """A torchrun worker leaves without running C++ teardown: on a loaded machine the process group's threads
+    can abort it there ("terminate called without an active exception") after everything was done and saved."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        exit_worker(code)
+    sys.exit(code)

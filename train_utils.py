@@ -6,6 +6,7 @@ agreement between ranks) and once at its end.
 """
 import contextlib
 import copy
+import datetime
 import math
 import os
 import random
@@ -23,12 +24,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dataset_utils import NUM_CLASSES, Augmentation
-from device_utils import (all_reduce_sum, autocast, broadcast_from_main, distribute_model, max_over_ranks,
-                          on_main_rank, resolve_precision, synchronize)
+from device_utils import (all_reduce_sum, autocast, broadcast_from_main, distribute_model, get_device,
+                          max_over_ranks, on_main_rank, resolve_precision, synchronize)
 from model import build_model
 from run_dir import CHECKPOINT_FORMAT, NUMBER, CheckpointError, is_a, load_checkpoint, new_run_id
 
 SYNC_POINTS_PER_EPOCH = 10
+PROGRESS_SECONDS = 60  # without a terminal, a progress line at most this often (a CPU epoch takes minutes)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -569,6 +571,35 @@ def make_train_step(model, optimizer, criterion, runtime, precision, cuda_graphs
     return step_class(model, optimizer, criterion, runtime.device, precision, average, sharpness)
 
 
+class Progress:
+    """An epoch's progress: tqdm's bar on a terminal; where standard error is no terminal (a log file, a batch
+    system), a line in the run's output every PROGRESS_SECONDS, with the epoch's ETA; nothing when not shown."""
+
+    def __init__(self, run, start_step, shown):
+        self.run, self.start_step = run, start_step
+        self.steps = run.train_loader.steps_per_epoch
+        self.bar = tqdm(total=self.steps, initial=start_step, desc=f"epoch {run.state.epoch + 1}", leave=False,
+                        disable=None if shown else True, dynamic_ncols=True)  # None: only on a terminal
+        self.lines = shown and self.bar.disable
+        self.last_line = time.perf_counter()
+
+    def step_done(self):
+        self.bar.update(1)
+
+    def report(self, step, loss, lr, images_per_sec, seconds):
+        """At a sync point, after `step` (0-based) and `seconds` of training in this epoch."""
+        self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4f}", img_s=f"{images_per_sec:,.0f}")
+        if self.lines and time.perf_counter() - self.last_line >= PROGRESS_SECONDS:
+            remaining = (self.steps - step - 1) * seconds / max(step + 1 - self.start_step, 1)
+            show(f"  epoch {self.run.state.epoch + 1}/{self.run.config.epochs}: step {step + 1}/{self.steps} | "
+                 f"loss {loss:.4f} | lr {lr:.5f} | {images_per_sec:,.0f} img/s | epoch ETA "
+                 f"{datetime.timedelta(seconds=round(remaining))}", self.run.interrupt)
+            self.last_line = time.perf_counter()
+
+    def close(self):
+        self.bar.close()
+
+
 def train_one_epoch(run, show_progress=None):
     """Train the run's next epoch from its step (an interrupted epoch goes on where it stopped).
 
@@ -579,14 +610,14 @@ def train_one_epoch(run, show_progress=None):
     train_step.model.train()
     train_step.start_epoch(start_step, totals)
     sync_every = max(1, loader.steps_per_epoch // SYNC_POINTS_PER_EPOCH)
-    show_progress = runtime.is_main if show_progress is None else show_progress
-    bar = tqdm(total=loader.steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}", leave=False,
-               disable=None if show_progress else True, dynamic_ncols=True)  # None: only on a terminal
     started, setup_at_start = time.perf_counter(), train_step.setup_seconds
+    batches = loader.batches(epoch, start_step)  # augments the epoch now, unless it was prepared ahead
+    progress = Progress(run, start_step, runtime.is_main if show_progress is None else show_progress)
+    stepping_started = time.perf_counter()  # the rate and ETA count steps alone, not the augmentation
     images_done = 0
     stopped_at_step = None
     next_epoch_wanted = loader.prepares_ahead and epoch + 1 < run.config.epochs
-    for step, (images, labels) in enumerate(loader.batches(epoch, start_step), start_step):
+    for step, (images, labels) in enumerate(batches, start_step):
         step_started = time.perf_counter()
         train_step(images, labels)
         last_step = step + 1 == loader.steps_per_epoch
@@ -598,7 +629,7 @@ def train_one_epoch(run, show_progress=None):
             train_step.first_step_at = time.time()
             train_step.setup_seconds += time.perf_counter() - step_started
         images_done += len(labels)
-        bar.update(1)
+        progress.step_done()
         interrupted_here = interrupt.requested and not runtime.distributed
         if (step + 1) % sync_every == 0 or last_step or interrupted_here:
             if next_epoch_wanted:  # now, with steps queued to keep the GPU busy, and after the graph capture
@@ -611,11 +642,10 @@ def train_one_epoch(run, show_progress=None):
             if interrupt.agreed(runtime) and not last_step:
                 stopped_at_step = step + 1
                 break
-            elapsed = time.perf_counter() - started - (train_step.setup_seconds - setup_at_start)
-            bar.set_postfix(loss=f"{loss_sum / (steps_done * len(labels)):.3f}",
-                            lr=f"{current_lr(run.optimizer):.4f}",
-                            img_s=f"{images_done * runtime.world_size / max(elapsed, 1e-9):,.0f}")
-    bar.close()
+            stepping = time.perf_counter() - stepping_started - (train_step.setup_seconds - setup_at_start)
+            progress.report(step, loss_sum / (steps_done * len(labels)), current_lr(run.optimizer),
+                            images_done * runtime.world_size / max(stepping, 1e-9), stepping)
+    progress.close()
     synchronize(runtime.device)
     seconds = time.perf_counter() - started - (train_step.setup_seconds - setup_at_start)
     previous_images, previous_seconds = (totals["images"], totals["seconds"]) if totals else (0, 0.0)
@@ -726,7 +756,9 @@ def model_from_checkpoint(checkpoint, path, device="cpu"):
 
 
 def load_model(path, device="cpu"):
-    """A trained model back from a checkpoint, in eval mode: `load_model("checkpoint/best.pt")`."""
+    """A trained model back from a checkpoint, in eval mode: `load_model("checkpoint/best.pt")`. A device that
+    this machine lacks is named as such (DeviceError), not blamed on the checkpoint."""
+    device = get_device(device)
     return model_from_checkpoint(load_checkpoint(path), path, device)
 
 

@@ -1,11 +1,13 @@
 """train.py as users run it: flags, outputs, resume, evaluation and the errors they can cause."""
+import json
 import os
+import re
 import resource
 
 import pytest
 import torch
 
-from conftest import assert_same_weights, load_weights, run_train, tiny_run_args
+from conftest import REPO, assert_same_weights, load_weights, run_train, tiny_run_args
 from run_dir import load_checkpoint, read_metrics
 
 
@@ -31,17 +33,48 @@ def test_bad_flags_exit_2_with_a_message(train_main, capsys, flags):
     assert ": error: " in err and err.count("\n") == 1  # one line, no usage block
 
 
-def test_help_and_flag_errors_answer_without_loading_torch():
+PROBE_TORCH = ("import runpy, sys; sys.argv = [sys.argv[1]] + sys.argv[2:]\n"
+               "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+               "except SystemExit as exit:\n    print('torch loaded' if 'torch' in sys.modules else 'no torch', exit.code)")
+
+
+def answer_without_torch(script, *flags, cwd=REPO):
+    """What `python SCRIPT FLAGS` exits with, and whether it had loaded torch by then."""
     import subprocess
     import sys
+    result = subprocess.run([sys.executable, "-c", PROBE_TORCH, str(REPO / script), *map(str, flags)], cwd=cwd,
+                            capture_output=True, text=True)
+    return result.stdout.strip().splitlines()[-1], result.stderr
 
-    from conftest import REPO
-    probe = ("import runpy, sys; sys.argv = ['train.py'] + sys.argv[1:]\n"
-             "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
-             "except SystemExit as exit:\n    print('torch loaded' if 'torch' in sys.modules else 'no torch', exit.code)")
-    for flags, code in ((["--help"], 0), (["--lr", "0"], 2)):
-        result = subprocess.run([sys.executable, "-c", probe, *flags], cwd=REPO, capture_output=True, text=True)
-        assert result.stdout.strip().splitlines()[-1] == f"no torch {code}", result.stdout + result.stderr
+
+def test_help_flag_errors_and_run_folder_problems_answer_without_loading_torch(trained_folder, tmp_path):
+    assert answer_without_torch("train.py", "--help")[0] == "no torch 0"
+    for flags in (["--lr", "0"], ["--device", "gpu"], ["--device", "CPU"], ["--sync-bn"]):
+        assert answer_without_torch("train.py", *flags)[0] == "no torch 2", flags
+    for flags, message in ((["--checkpoint-dir", trained_folder], "holds a run (last.pt, best.pt, metrics.csv, config.json)"),
+                           (["--resume", tmp_path / "nothing"], "no checkpoint at"),
+                           (["--evaluate", tmp_path / "nothing.pt"], "no checkpoint at")):
+        answer, err = answer_without_torch("train.py", *flags)
+        assert answer == "no torch 1" and message in err, (flags, err)
+    assert answer_without_torch("plot.py", "--help")[0] == "no torch 0"
+    assert answer_without_torch("bench.py", "--steps", "0")[0] == "no torch 2"
+
+
+@pytest.fixture
+def trained_folder(train_main, cifar_dir, tmp_path):
+    folder = tmp_path / "trained"
+    assert train_main(tiny_run_args(cifar_dir, folder, "--epochs", "1")) == 0
+    return folder
+
+
+def test_help_shows_each_default_once_and_never_splits_a_flag():
+    import subprocess
+    import sys
+    text = subprocess.run([sys.executable, str(REPO / "train.py"), "--help"], capture_output=True, text=True).stdout
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert not any(line.count("default") > 1 for line in text.splitlines())
+    assert not re.search(r"--[a-z]+-\n", text)  # "--batch-" at a line's end, "size" on the next
+    assert "--batch-size 512 --lr 0.4" in " ".join(text.split())
 
 
 def test_end_to_end_run_writes_checkpoints_and_metrics(cifar_dir, tmp_path):
@@ -60,7 +93,10 @@ def test_end_to_end_run_writes_checkpoints_and_metrics(cifar_dir, tmp_path):
     assert len(rows) == 1 and float(rows[0]["images_per_sec"]) > 0 and rows[0]["images"] == "64"
     assert float(rows[0]["lr"]) < 1e-5  # the lr the last step used: OneCycle ends near 0, not one step past it
     assert "done after 1 epoch," in result.stdout
-    assert "start-up work in epoch 1" in result.stdout
+    assert "start-up work in epoch 1 (the first step) not counted" in result.stdout  # no cudnn, no graph on a CPU
+    assert "recipe: --batch-size 16 --epochs 1" in result.stdout
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config == checkpoint["args"] and config["batch_size"] == 16
 
 
 def test_a_validation_split_picks_the_best_epoch_and_the_test_set_is_used_once_at_the_end(cifar_dir, tmp_path):
@@ -187,7 +223,7 @@ def test_a_new_run_will_not_overwrite_an_existing_one(train_main, cifar_dir, tmp
     assert train_main(tiny_run_args(cifar_dir, tmp_path / "ckpt", "--epochs", "1")) == 0
     before = (tmp_path / "ckpt" / "last.pt").read_bytes()
     assert train_main(tiny_run_args(cifar_dir, tmp_path / "ckpt", "--epochs", "1")) == 1
-    assert "ckpt holds a run (last.pt, best.pt, metrics.csv): continue it with --resume" in capsys.readouterr().err
+    assert "ckpt holds a run (last.pt, best.pt, metrics.csv, config.json): continue it with --resume" in capsys.readouterr().err
     assert (tmp_path / "ckpt" / "last.pt").read_bytes() == before
 
 
@@ -195,8 +231,9 @@ def test_missing_data_without_network_is_one_clear_line(tmp_path):
     result = run_train("--data-dir", tmp_path / "nowhere", "--no-download", "--checkpoint-dir", tmp_path / "ckpt")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        f"error: CIFAR-100 not found: put cifar-100-python.tar.gz or its extracted cifar-100-python/ folder in "
-        f"{tmp_path / 'nowhere'} (see the README's Data section), or drop --no-download"]
+        f"error: CIFAR-100 not found: put cifar-100-python.tar.gz (https://www.cs.toronto.edu/~kriz/"
+        f"cifar-100-python.tar.gz) or its extracted cifar-100-python/ folder in {tmp_path / 'nowhere'}, or drop "
+        f"--no-download"]
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no empty data or checkpoint folder left behind
 
 
@@ -382,3 +419,51 @@ def test_resume_refuses_a_changed_validation_split(train_main, cifar_dir, tmp_pa
     assert train_main(tiny_run_args(cifar_dir, folder, "--resume", "--epochs", "2")) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "another validation split" in err[0]
+
+
+def test_without_a_terminal_progress_lines_show_each_epoch_with_its_eta(train_main, cifar_dir, tmp_path, capsys,
+                                                                         monkeypatch):
+    import train_utils
+    monkeypatch.setattr(train_utils, "PROGRESS_SECONDS", 0)  # a line at every sync point, not once a minute
+    assert train_main(tiny_run_args(cifar_dir, tmp_path / "ckpt", "--epochs", "2")) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  epoch ")]
+    assert len(lines) == 2 * 4  # 4 steps an epoch, each a sync point
+    assert re.fullmatch(r"  epoch 2/2: step 3/4 \| loss \d+\.\d{4} \| lr \d\.\d{5} \| [\d,]+ img/s \| epoch ETA "
+                        r"0:00:0\d", lines[-2]), lines[-2]
+
+
+def test_a_resumed_run_says_which_epoch_its_start_up_was_in_and_what_this_process_did(train_main, cifar_dir,
+                                                                                       tmp_path, capsys):
+    common = tiny_run_args(cifar_dir, tmp_path / "ckpt", "--epochs", "3")
+    assert train_main([*common, "--target-accuracy", "0.01", "--patience", "1"]) == 0
+    capsys.readouterr()
+    assert train_main([*common, "--resume", "--target-accuracy", "1.0"]) == 0
+    out = capsys.readouterr().out
+    assert "start-up work in epoch 2 (the first step)" in out
+    assert "done after 3 epochs, 2 epochs of them in this process, in" in out
+
+
+def test_a_missing_matplotlib_is_said_at_the_start_of_a_plot_run(train_main, cifar_dir, tmp_path, capsys,
+                                                                  monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    assert train_main(tiny_run_args(cifar_dir, tmp_path / "ckpt", "--epochs", "1", "--plot")) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[0] == ("note: --plot will draw nothing: plotting needs matplotlib: pip install "
+                                            "matplotlib")
+    assert not (tmp_path / "ckpt" / "metrics.png").exists()
+
+
+def test_resume_and_evaluate_take_a_run_folder_for_its_checkpoints(trained_folder, cifar_dir, train_main, capsys):
+    assert train_main(["--evaluate", str(trained_folder), "--data-dir", str(cifar_dir), "--no-download"]) == 0
+    assert f"{trained_folder / 'best.pt'}: test loss" in capsys.readouterr().out
+    args = [arg for arg in tiny_run_args(cifar_dir, "x", "--resume", trained_folder, "--epochs", "2")
+            if arg not in ("--checkpoint-dir", "x")]
+    assert train_main(args) == 0
+    assert load_checkpoint(trained_folder / "last.pt")["epoch"] == 2
+
+
+def test_a_file_that_is_no_checkpoint_is_not_called_possibly_code(train_main, cifar_dir, capsys):
+    assert train_main(["--evaluate", str(REPO / "README.md"), "--data-dir", str(cifar_dir), "--no-download"]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {REPO / 'README.md'} is not a checkpoint: torch.save did " \
+                                              f"not write it"

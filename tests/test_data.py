@@ -36,13 +36,13 @@ def test_reader_keeps_pixels_in_channel_order(cifar_dir):
 
 
 def test_missing_data_without_download_says_where_to_put_it(tmp_path):
-    with pytest.raises(DataError, match="put cifar-100-python.tar.gz or its extracted cifar-100-python/ folder in"):
+    with pytest.raises(DataError, match="CIFAR-100 not found: put cifar-100-python.tar.gz"):
         read_cifar100(tmp_path, download=False)
 
 
 def test_failed_download_says_where_to_put_the_data_and_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(dataset_utils, "ARCHIVE_URL", "http://127.0.0.1:9/cifar-100-python.tar.gz")  # nothing listens
-    with pytest.raises(DataError, match="could not download CIFAR-100 .*put cifar-100-python.tar.gz"):
+    with pytest.raises(DataError, match="could not download CIFAR-100 .*fetch http.*cifar-100-python.tar.gz elsewhere"):
         read_cifar100(tmp_path / "data" / "cifar", download=True)
     assert list(tmp_path.iterdir()) == []  # no empty data folder, no partial archive
 
@@ -510,3 +510,10 @@ def test_a_label_beyond_int64_is_refused_in_one_line(cifar_dir):
     rewrite_split(path, fine_labels=[2**70] + [0] * 63)
     with pytest.raises(DataError, match=f"{path}: labels must lie in 0..99"):
         read_cifar100(cifar_dir, download=False)
+
+
+def test_a_data_dir_naming_the_extracted_folder_itself_points_at_its_parent(cifar_dir):
+    folder = cifar_dir / "cifar-100-python"
+    with pytest.raises(DataError, match=f"{folder} is the cifar-100-python folder itself: point --data-dir at its "
+                                        f"parent, {cifar_dir}"):
+        read_cifar100(folder, download=False)

@@ -54,7 +54,8 @@ def test_two_processes_match_one_process_on_the_same_global_batch(runs):
 
 def test_only_rank_zero_prints_and_writes_one_set_of_checkpoints(runs):
     _, root, _, double = runs
-    assert sorted(p.name for p in (root / "double").iterdir()) == [".lock", "best.pt", "last.pt", "metrics.csv"]
+    assert sorted(p.name for p in (root / "double").iterdir()) == [".lock", "best.pt", "config.json", "last.pt",
+                                                                    "metrics.csv"]
     assert sum(line.startswith("epoch ") for line in double.stdout.splitlines()) == 2
     assert "cpu x2" in double.stdout
 

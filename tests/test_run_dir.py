@@ -189,7 +189,7 @@ def test_resuming_into_a_new_folder_makes_it_hold_the_whole_run(trained, tmp_pat
     new = tmp_path / "new"
     # The stored best is not beaten by the extra epoch at a tiny lr? Whatever happens, the new folder is complete.
     assert train_main(tiny_run_args(cifar_dir, new, "--resume", original / "last.pt", "--epochs", 2)) == 0
-    assert sorted(contents(new)) == ["best.pt", "last.pt", "metrics.csv"]
+    assert sorted(contents(new)) == ["best.pt", "config.json", "last.pt", "metrics.csv"]
     assert (new / "best.pt").read_bytes() == (original / "best.pt").read_bytes()
     assert load_checkpoint(new / "last.pt")["run_id"] == load_checkpoint(original / "last.pt")["run_id"]
     assert train_main(["--evaluate", "--checkpoint-dir", str(new), "--data-dir", str(cifar_dir),

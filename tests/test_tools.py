@@ -2,7 +2,6 @@
 import datetime
 import math
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +13,9 @@ from train_utils import load_model
 
 
 def test_benchmark_measures_every_figure_on_the_cpu():
-    rows = bench.main(["--device", "cpu", "--models", "resnet18", "--batch-sizes", "8", "--train-images", "16",
-                       "--test-images", "16", "--steps", "1", "--repeats", "3"])
+    args = bench.parse_args(["--models", "resnet18", "--batch-sizes", "8", "--train-images", "16", "--test-images",
+                             "16", "--steps", "1", "--repeats", "3"])
+    rows = bench.run_benchmarks(args, torch.device("cpu"))
     (row,) = rows
     assert (row["model"], row["precision"], row["batch"], row["step"]) == ("resnet18", "fp32", 8, "eager")
     for key in ("setup_s", "first_epoch_s", "step_img_s", "epoch_img_s", "augment_img_s"):
@@ -44,6 +44,36 @@ def test_plot_of_a_missing_file_is_a_clear_error(tmp_path):
         plot_metrics(tmp_path / "metrics.csv")
 
 
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_plot_marks_every_epoch_and_counts_epochs_in_whole_numbers(finished_run, epochs):
+    from plot import draw, read_rows
+    rows = read_rows(finished_run / "metrics.csv")
+    rows = [dict(rows[0], epoch=epoch) for epoch in range(1, epochs + 1)]  # the first run a CPU user tries: 1 epoch
+    figure = draw(rows)
+    for axes in figure.axes:
+        assert all(line.get_marker() == "o" and len(line.get_xdata()) == epochs for line in axes.get_lines())
+        ticks = [tick for tick in axes.get_xticks() if axes.get_xlim()[0] <= tick <= axes.get_xlim()[1]]
+        assert ticks and all(tick == int(tick) for tick in ticks)
+
+
+@pytest.mark.parametrize("mistake", ["another csv", "a checkpoint", "no such folder"])
+def test_plot_answers_ordinary_mistakes_in_one_line(finished_run, tmp_path, mistake):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    other = tmp_path / "other.csv"
+    other.write_text("name,score\nx,1\n")
+    given = {"another csv": [other], "a checkpoint": [finished_run / "last.pt"],
+             "no such folder": [finished_run / "metrics.csv", "-o", tmp_path / "nowhere" / "curves.png"]}[mistake]
+    result = subprocess.run([sys.executable, str(REPO / "plot.py"), *map(str, given)], capture_output=True, text=True)
+    assert result.returncode == 1 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and {"another csv": "is not a metrics.csv written by train.py",
+                                            "a checkpoint": "is not a metrics.csv written by train.py",
+                                            "no such folder": "does not exist"}[mistake] in line
+
+
 def test_tensorboard_logs_each_epoch(finished_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(finished_run / "tensorboard"))
@@ -56,6 +86,53 @@ def test_load_model_returns_the_trained_model_ready_to_predict(finished_run):
     assert not model.training
     with torch.inference_mode():
         assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
+
+
+def test_load_model_on_a_device_this_machine_lacks_names_the_device(finished_run):
+    from device_utils import DeviceError
+    with pytest.raises(DeviceError, match="device 'cuda' was asked for, but no CUDA GPU is available"):
+        load_model(finished_run / "best.pt", device="cuda")  # the tests hide every GPU
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-sizes", "0"], "argument --batch-sizes: 0 is outside [1, inf]"),
+    (["--batch-sizes", "abc"], "argument --batch-sizes: 'abc' is not a valid int"),
+    (["--steps", "0"], "argument --steps: 0 is outside [1, inf]"),
+    (["--train-images", "0"], "argument --train-images: 0 is outside [1, inf]"),
+    (["--models", "resnet50"], "argument --models: 'resnet50' is not one of resnet18, wideresnet"),
+    (["--repeats", "0"], "argument --repeats: 0 is outside [1, inf]"),
+])
+def test_bench_answers_bad_flags_in_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as exited:
+        bench.parse_args(flags)
+    assert exited.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert message in line
+
+
+def test_bench_on_a_device_this_machine_lacks_is_one_line(capsys):
+    assert bench.main(["--device", "cuda"]) == 1
+    assert capsys.readouterr().err == "error: device 'cuda' was asked for, but no CUDA GPU is available\n"
+
+
+def test_the_package_lists_every_module_so_pip_install_e_imports_them_anywhere():
+    import tomllib
+
+    from conftest import REPO
+    modules = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"]
+    assert sorted(modules) == sorted(path.stem for path in REPO.glob("*.py"))
+
+
+def test_git_ignores_a_virtual_environment_and_a_data_link(tmp_path):
+    import shutil
+    import subprocess
+
+    from conftest import REPO
+    if not (REPO / ".git").exists() or not shutil.which("git"):
+        pytest.skip("not a git checkout")
+    result = subprocess.run(["git", "check-ignore", "--no-index", "data", ".venv/bin/python", "runs/fast"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.stdout.split() == ["data", ".venv/bin/python", "runs/fast"]
 
 
 def reproduce(*args, cwd):

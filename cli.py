@@ -1,0 +1,96 @@
+"""Command-line plumbing shared by train.py, bench.py and plot.py: flag errors in one line, help that shows each
+default once, and numbers checked against their range. Imports nothing heavy, so --help and flag errors answer
+at once."""
+import argparse
+import math
+import textwrap
+
+FLOAT32_MAX = 3.4028234663852886e38  # what a float setting must fit in: the training computes in float32
+
+
+def bounded(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse type that converts with `kind` and checks the value lies in the stated range (a float's within
+    float32's, too)."""
+    if kind is float and high is None:
+        high = FLOAT32_MAX
+
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high or not math.isfinite(value):
+            left = "(" if low_open else "["
+            right = ")" if high_open else "]"
+            span = f"{left}{'-inf' if low is None else bound_text(low)}, {'inf' if high is None else bound_text(high)}{right}"
+            raise argparse.ArgumentTypeError(f"{text} is outside {span}")
+        return value
+    return convert
+
+
+def bound_text(bound):
+    return f"{bound:g}" if isinstance(bound, float) else str(bound)
+
+
+def non_empty(text):
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path names no folder")
+    return text
+
+
+POSITIVE_INT = bounded(int, low=1)
+NON_NEGATIVE_INT = bounded(int, low=0)
+POSITIVE_FLOAT = bounded(float, low=0, low_open=True)
+NON_NEGATIVE_FLOAT = bounded(float, low=0)
+FRACTION = bounded(float, low=0, high=1, high_open=True)
+
+
+class FlagError(ValueError):
+    """A setting outside what its flag accepts."""
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every default shown once (not where the help says what the default does), none on a switch, and a flag's
+    name never cut across two lines."""
+
+    def _get_help_string(self, action):
+        text = action.help
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS or \
+                "(default" in text or ": off)" in text:
+            return text
+        return text + " (default: %(default)s)"
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(text, width, break_on_hyphens=False)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with every default in --help, and flag errors in one line instead of behind the usage block; with
+    `raising`, an error is a FlagError instead (for settings that come from a checkpoint, not a command line)."""
+
+    def __init__(self, description, raising=False):
+        super().__init__(description=description, formatter_class=HelpFormatter)
+        self.raising = raising
+
+    def error(self, message):
+        if self.raising:
+            raise FlagError(message)
+        self.exit(2, f"{self.prog}: error: {message} (see python {self.prog} --help)\n")
+
+
+def comma_separated(convert):
+    """An argparse type: a comma-separated list, each item converted (and checked) by `convert`."""
+    def convert_each(text):
+        return [convert(item) for item in text.split(",")]
+    return convert_each
+
+
+def one_of(*choices):
+    """An argparse type accepting only `choices` (used inside comma_separated lists)."""
+    def check(text):
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(choices)}")
+        return text
+    return check
