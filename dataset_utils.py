@@ -16,6 +16,8 @@ import shutil
 import sys
 import tarfile
 import urllib.request
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,7 +162,11 @@ def file_md5(path):
 
 
 def read_split(path):
-    """One split's images (N, 3, 32, 32) uint8 and fine labels (N,) int64, checked for the CIFAR-100 layout."""
+    """One split's images (N, 3, 32, 32) uint8 and fine labels (N,) int64, checked for the CIFAR-100 layout; from
+    the cache beside the pickle when a previous run made one from this very file."""
+    cached = read_cache(path)
+    if cached is not None:
+        return cached
     entry = unpickle(path, "file")
     images, labels = entry.get("data"), entry.get("fine_labels")
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != 3072:
@@ -172,7 +178,52 @@ def read_split(path):
         raise DataError(f"{path}: {len(images)} images but {len(labels)} labels")
     if not labels or not all(0 <= label < NUM_CLASSES for label in labels):
         raise DataError(f"{path}: labels must lie in 0..{NUM_CLASSES - 1} and the split must not be empty")
-    return torch.from_numpy(images.reshape(-1, 3, 32, 32).copy()), torch.tensor(labels, dtype=torch.int64)
+    images, labels = images.reshape(-1, 3, 32, 32), np.array(labels, dtype=np.int64)
+    write_cache(path, images, labels)
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels)
+
+
+def cache_path(path):
+    """Where a split's plain uint8 arrays are kept beside its pickle: `.train.uint8.npz`."""
+    return path.with_name(f".{path.name}.uint8.npz")
+
+
+def source_stamp(path):
+    """The pickle's size and CRC-32: a cache made from other bytes, however recently, is never taken for it."""
+    checksum, size = 0, 0
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            checksum, size = zlib.crc32(block, checksum), size + len(block)
+    return np.array([size, checksum], dtype=np.int64)
+
+
+def read_cache(path):
+    """The split from its cache (plain arrays: a fraction of the unpickling time), if the cache was made from
+    this very file and holds what a split must; None otherwise (then the pickle is read, and the cache made)."""
+    try:
+        with np.load(cache_path(path), allow_pickle=False) as cache:
+            stamp, images, labels = cache["source"], cache["images"], cache["labels"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    if not np.array_equal(stamp, source_stamp(path)) or images.dtype != np.uint8 or images.shape[1:] != (3, 32, 32) \
+            or labels.dtype != np.int64 or labels.shape != (len(images),) or not len(labels) \
+            or labels.min() < 0 or labels.max() >= NUM_CLASSES:
+        return None
+    return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def write_cache(path, images, labels):
+    """Keep the split's arrays beside its pickle for the next run; a folder that cannot take them is left as it
+    was (nothing half-written stays)."""
+    cache = cache_path(path)
+    temporary = cache.with_name(cache.name + f".tmp{os.getpid()}")
+    try:
+        with open(temporary, "wb") as handle:
+            np.savez(handle, source=source_stamp(path), images=images, labels=labels)
+        os.replace(temporary, cache)
+    except OSError:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
 
 
 # ---- batched augmentation: each op takes a float batch (B, 3, H, W) in [0, 1] ----
@@ -571,9 +622,10 @@ class DataConfig:
     dtype: torch.dtype = torch.float32
 
 
-def load_cifar100(config):
-    """Read CIFAR-100 onto the device; returns (train_loader, val_loader or None, test_loader)."""
-    arrays = read_cifar100(config.data_dir, config.download)
+def load_cifar100(config, arrays=None):
+    """CIFAR-100 onto the device, read now unless `arrays` were; returns (train_loader, val_loader or None,
+    test_loader)."""
+    arrays = arrays or read_cifar100(config.data_dir, config.download)
     device = torch.device(config.device)
     images, labels = arrays.train_images, arrays.train_labels
     val = None

@@ -60,9 +60,9 @@ def draw(rows):
     epochs = [int(row["epoch"]) for row in rows]
     for axes, (keys, scale, unit, title) in zip(all_axes, CURVES):
         for key in keys:
-            if key in rows[0]:  # a run fills either the val or the test columns each epoch
-                axes.plot(epochs, [scale * row[key] for row in rows], marker="o", markersize=3,
-                          label=key.replace("_", " "))
+            points = [(int(row["epoch"]), scale * row[key]) for row in rows if key in row]  # evaluated epochs
+            if points:  # a run fills the val or the test columns
+                axes.plot(*zip(*points), marker="o", markersize=4, label=key.replace("_", " "))
         axes.set(xlabel="epoch", ylabel=unit, title=title, xlim=(min(epochs) - 0.5, max(epochs) + 0.5))
         axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         axes.grid(alpha=0.3)

@@ -156,12 +156,13 @@ EPOCH_TOTALS = ("loss_sum", "correct", "images", "seconds")
 
 
 def is_history_row(row):
-    """One epoch's metrics as train.py writes them: every column a number, and one split's evaluation."""
+    """One epoch's metrics as train.py writes them: every column a number, and one split's evaluation if the
+    epoch was evaluated."""
     if not isinstance(row, dict) or not set(row) <= set(METRICS_COLUMNS):
         return False
     splits = [split for split in ("val", "test") if f"{split}_top1" in row]
     needed = HISTORY_NUMBERS + tuple(f"{split}_{part}" for split in splits for part in ("loss", "top1", "top5"))
-    return len(splits) == 1 and set(needed) <= set(row) and all(is_a(value, NUMBER) for value in row.values())
+    return len(splits) <= 1 and set(needed) <= set(row) and all(is_a(value, NUMBER) for value in row.values())
 
 
 def is_a(value, kind):

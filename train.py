@@ -8,15 +8,28 @@
 """
 import time
 
-STARTED = time.time()  # before the heavy imports, so "first step after" counts them
+
+def process_started_at():
+    """When this process started, by the wall clock (Linux: from /proc); elsewhere, the moment train.py began."""
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            since_boot = float(stat.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+            return time.time() - (float(uptime.read().split()[0]) - since_boot)
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
+import os  # noqa: E402
+
+STARTED = process_started_at()  # before the heavy imports, so "first step after start" counts them
 
 import argparse
 import contextlib
-import os
 import re
 import shlex
 import signal
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -102,7 +115,8 @@ def build_parser(raising=False):
     optim.add_argument("--target-accuracy", type=bounded(float, low=0, high=1, low_open=True), default=None,
                        help="stop once top-1 on the validation split (the test set without one) reaches this fraction "
                             "for --patience epochs (None: off)")
-    optim.add_argument("--patience", type=POSITIVE_INT, default=2, help="epochs at the target before stopping")
+    optim.add_argument("--patience", type=POSITIVE_INT, default=2,
+                       help="evaluated epochs at the target before stopping")
     optim.add_argument("--seed", type=bounded(int, low=0, high=2**32 - 1), default=0,
                        help="seeds the weights, the data order and the augmentation")
     run = parser.add_argument_group("run")
@@ -124,6 +138,11 @@ def build_parser(raising=False):
                      help="run the training step eagerly on CUDA instead of replaying it as a CUDA graph")
     run.add_argument("--tta", action="store_true", help="evaluate on the image and its mirror, averaged")
     run.add_argument("--test-batch-size", type=POSITIVE_INT, default=1000, help="evaluation batch")
+    run.add_argument("--eval-every", type=POSITIVE_INT, default=1, metavar="K",
+                     help="evaluate every K epochs and the last (best.pt and early stopping judge those alone)")
+    run.add_argument("--save-every", type=POSITIVE_INT, default=1, metavar="K",
+                     help="write checkpoints every K epochs and the last, a new best, an early stop and an "
+                          "interrupt (a kill loses up to K - 1 epochs)")
     run.add_argument("--plot", action="store_true", help="draw metrics.png at the end (needs matplotlib)")
     run.add_argument("--tensorboard", action="store_true", help="log to <checkpoint-dir>/tensorboard if installed")
     return parser
@@ -267,6 +286,7 @@ if __name__ == "__main__":
         sys.exit(fail(err))
     signal.signal(signal.SIGINT, quit_while_starting)  # Ctrl-C while torch loads: one line, not a traceback
 
+TORCH_STARTED = time.time()
 import torch  # noqa: E402
 
 from dataset_utils import DataConfig, DataError, EvalLoader, load_cifar100, read_cifar100  # noqa: E402
@@ -277,6 +297,28 @@ from train_utils import (Config, EarlyStopping, NonFiniteLossError, build_run, c
                          test_final_and_best)
 
 USER_ERRORS = (CheckpointError, DataError, DeviceError, NonFiniteLossError)
+IMPORTED = time.time()
+
+
+class DataReader:
+    """CIFAR-100 read on a thread of its own, started first, so that the reading goes on beside the device's
+    set-up (CUDA's initialisation) and the run folder's checks. `arrays()` waits for it and raises what it
+    raised, where the run needs the data."""
+
+    def __init__(self, data_dir, download):
+        self.seconds = 0.0
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="data-reader")
+        self.future = pool.submit(self.read, data_dir, download)
+        pool.shutdown(wait=False)
+
+    def read(self, data_dir, download):
+        started = time.perf_counter()
+        arrays = read_cifar100(data_dir, download)
+        self.seconds = time.perf_counter() - started
+        return arrays
+
+    def arrays(self):
+        return self.future.result()
 
 
 def main(argv=None):
@@ -290,14 +332,18 @@ def main(argv=None):
 def run_main(argv):
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here a Ctrl-C is handled below
     args, explicit = parse_args(argv)
+    reader = DataReader(args.data_dir, not args.no_download)
+    started = time.perf_counter()
     try:
         runtime = setup_runtime(args.device)
     except DeviceError as err:
         return fail(err)
+    runtime.startup.update({"python": TORCH_STARTED - STARTED, "import torch": IMPORTED - TORCH_STARTED,
+                            "device": time.perf_counter() - started})
     try:
         if args.evaluate is not None:
-            return evaluate_checkpoint(args, explicit, runtime)
-        code = train(args, explicit, runtime)
+            return evaluate_checkpoint(args, explicit, runtime, reader)
+        code = train(args, explicit, runtime, reader)
         if runtime.distributed:  # finished, or an interrupt every rank agreed on: rank 0 has saved and said so
             leave_together(runtime)
         return code
@@ -320,7 +366,7 @@ def resumed_config(args, explicit, checkpoint, path):
     return config
 
 
-def train(args, explicit, runtime):
+def train(args, explicit, runtime, reader):
     source, folder = run_folder(args, explicit)
     run_dir = RunDir(folder)
     try:
@@ -330,7 +376,7 @@ def train(args, explicit, runtime):
             checkpoint = checkpoint if runtime.is_main else load_checkpoint(source)
             config, resumed = resumed_config(args, explicit, checkpoint, source), (checkpoint, source)
         config = replace(config, checkpoint_dir=str(folder))
-        return train_with(run_dir, config, runtime, resumed, resume_command(run_dir.last, explicit))
+        return train_with(run_dir, config, runtime, reader, resumed, resume_command(run_dir.last, explicit))
     finally:
         run_dir.close()  # every write has finished: another run may use the folder now
 
@@ -350,7 +396,7 @@ def resume_command(last, explicit):
     return shlex.join([*launcher, "--resume", str(last), *flags])
 
 
-def train_with(run_dir, config, runtime, resumed, resume_hint):
+def train_with(run_dir, config, runtime, reader, resumed, resume_hint):
     if config.sync_bn and runtime.device.type != "cuda":
         raise DeviceError("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU implementation)")
     if config.workers:
@@ -358,19 +404,25 @@ def train_with(run_dir, config, runtime, resumed, resume_hint):
     torch.backends.cudnn.benchmark = True
     seed_everything(config.seed)  # every rank alike, so each draws the same initial weights
     precision = resolve_precision(runtime.device, config.precision)
+    arrays = reader.arrays()
+    started = time.perf_counter()
     loaders = load_cifar100(DataConfig(
         config.batch_size, config.data_dir, not config.no_download, runtime.device, config.seed, runtime.rank,
-        runtime.world_size, config.test_batch_size, config.val_size, config.augmentation, input_dtype(precision)))
+        runtime.world_size, config.test_batch_size, config.val_size, config.augmentation, input_dtype(precision)),
+        arrays)
+    runtime.startup.update({"reading the data": reader.seconds, "data to the device": time.perf_counter() - started})
     return train_in(run_dir, config, runtime, loaders, resumed, resume_hint)
 
 
 def train_in(run_dir, config, runtime, loaders, resumed, resume_hint):
+    started = time.perf_counter()
     run = build_run(config, runtime, loaders, run_dir, resumed)
+    runtime.startup["model"] = time.perf_counter() - started
     if runtime.is_main:
         show(describe_run(run, resumed), run.interrupt)
     plot = config.plot and runtime.is_main and plot_is_possible()
     run.interrupt.install()
-    epochs_before, started = run.state.epoch, time.perf_counter()
+    epochs_before, started, fit_started_at = run.state.epoch, time.perf_counter(), time.time()
     try:
         outcome = fit(run)
     except NonFiniteLossError as err:
@@ -378,7 +430,7 @@ def train_in(run_dir, config, runtime, loaders, resumed, resume_hint):
                 else "no checkpoint written yet")
         raise NonFiniteLossError(f"{err}; stopped with {kept}") from None
     if runtime.is_main:
-        show(describe_timing(run, epochs_before + 1), run.interrupt)
+        show(describe_timing(run, epochs_before + 1, fit_started_at), run.interrupt)
     final_tests = test_final_and_best(run) if run.val_loader is not None and outcome != "interrupted" else None
     if runtime.is_main:
         show(describe_outcome(run, outcome, time.perf_counter() - started, epochs_before, final_tests), run.interrupt)
@@ -434,17 +486,20 @@ def plural(count, noun):
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def describe_timing(run, first_epoch):
-    """Start-up: the first step (with cudnn's search and compilation) and the graph capture, left out of epoch
-    times and img/s."""
+def describe_timing(run, first_epoch, fit_started_at):
+    """Start-up, part by part, to the end of the first step; and the start-up work done in the first epoch (the
+    first step, with cudnn's search and compilation, and the graph capture), left out of epoch times and img/s."""
     step = run.train_step
     if step.first_step_at is None:
         return "no training step ran"
+    parts = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in run.runtime.startup.items())
     work = ["the first step"] + ["cudnn's choice of algorithms"] * (run.runtime.device.type == "cuda") + \
         ["compilation"] * run.config.compile + ["the CUDA graph capture"] * (step.graph is not None)
-    return (f"first training step done {step.first_step_at - STARTED:.1f}s after start; {step.setup_seconds:.2f}s of "
-            f"start-up work in epoch {first_epoch} ({', '.join(work)}) not counted in epoch times; "
-            f"training step: {step.kind}")
+    return (f"first training step done {step.first_step_at - STARTED:.1f}s after start: {parts}, then "
+            f"{step.first_step_at - fit_started_at:.1f}s to the first step's end (epoch {first_epoch}'s "
+            f"augmentation, {', '.join(work)}); the reading went on beside the device's set-up\n"
+            f"{step.setup_seconds:.2f}s of start-up work in epoch {first_epoch} ({', '.join(work)}) not counted in "
+            f"epoch times; training step: {step.kind}")
 
 
 def describe_outcome(run, outcome, seconds, epochs_before, final_tests=None):
@@ -470,13 +525,13 @@ def describe_outcome(run, outcome, seconds, epochs_before, final_tests=None):
     return summary
 
 
-def evaluate_checkpoint(args, explicit, runtime):
+def evaluate_checkpoint(args, explicit, runtime, reader):
     """--evaluate: test a checkpoint's model on the test set and print its accuracy next to the stored best."""
     path = checkpoint_path(args.evaluate, args.checkpoint_dir, RunDir.BEST)
     checkpoint = load_checkpoint(path)
     config = resumed_config(args, explicit, checkpoint, path)
     model = model_from_checkpoint(checkpoint, path, runtime.device)
-    arrays = read_cifar100(config.data_dir, not config.no_download)
+    arrays = reader.arrays()
     test_loader = EvalLoader(arrays.test_images.to(runtime.device), arrays.test_labels.to(runtime.device),
                              config.test_batch_size, runtime.rank, runtime.world_size)
     result = evaluate(model, test_loader, runtime, resolve_precision(runtime.device, config.precision), config.tta)

@@ -83,6 +83,8 @@ class Config:
     val_size: int
     seed: int
     epochs: int = may_change()
+    eval_every: int = may_change()
+    save_every: int = may_change()
     target_accuracy: float | None = may_change()
     patience: int = may_change()
     tta: bool = may_change()
@@ -955,10 +957,17 @@ def train_epochs(run):
             run.state.step, run.state.epoch_totals = stopped_at_step, reduce_totals(totals, run.runtime)
             save_checkpoint(run, is_best=False)
             return "interrupted"
-        finish_epoch(run, summarize_epoch(totals, run.runtime))
+        saved = finish_epoch(run, summarize_epoch(totals, run.runtime))
         if run.interrupt.agreed(run.runtime):
+            if not saved:  # between two --save-every epochs: keep this one
+                save_checkpoint(run, is_best=False)
             return "interrupted"
     return "early-stopped" if run.early_stopping.should_stop else "finished"
+
+
+def is_due(epoch, every, epochs):
+    """Whether 1-based `epoch` is one of every `every` epochs, or the last."""
+    return epoch % every == 0 or epoch == epochs
 
 
 def check_state_is_finite(run):
@@ -979,33 +988,49 @@ def resumed_totals(run):
 
 
 def finish_epoch(run, train_result):
-    """Evaluate on the selection split, record, checkpoint and print one finished epoch (saved before it is shown,
-    so that a closed output loses nothing)."""
+    """Record, evaluate (every --eval-every epochs and the last), checkpoint (every --save-every epochs, the last,
+    a new best and an early stop) and print one finished epoch; it is saved before its line is shown, so that a
+    closed output loses nothing. Returns whether it was saved."""
+    state, config = run.state, run.config
+    epoch = state.epoch + 1
+    row = {"epoch": epoch, "train_seconds": round(train_result.seconds, 3), "images": train_result.images,
+           "train_loss": round(train_result.loss, 5), "train_top1": round(train_result.top1, 5),
+           "lr": run.train_step.last_lr, "images_per_sec": round(train_result.images_per_sec, 1)}
+    evaluation_seconds, is_best = 0.0, False
+    if is_due(epoch, config.eval_every, config.epochs):
+        evaluation_seconds, is_best = evaluate_epoch(run, row)
+    row.update(epoch_seconds=round(train_result.seconds + evaluation_seconds, 3), best=int(is_best))
+    state.epoch, state.step, state.epoch_totals = epoch, 0, None
+    state.history.append(row)
+    if is_best:
+        run.best_weights = snapshot_to_host(run.evaluated_model.state_dict())
+    saved = is_best or run.early_stopping.should_stop or is_due(epoch, config.save_every, config.epochs)
+    if saved:
+        save_checkpoint(run, is_best)
+    if run.runtime.is_main:
+        show(format_epoch_line(row, config.epochs, run.selection_split), run.interrupt)
+        log_tensorboard(run.tensorboard, row)
+    return saved
+
+
+def evaluate_epoch(run, row):
+    """Evaluate the finished epoch on the selection split into its row, and judge it for best.pt and early
+    stopping; returns (seconds, whether it is the best so far)."""
     use_rank_0s_state(run)
     evaluation = evaluate(run.evaluated_model, run.selection_loader, run.runtime, run.precision, run.config.tta)
     if not math.isfinite(evaluation.loss):
         raise NonFiniteLossError(f"the model's {run.selection_split} loss became NaN or infinite after epoch "
-                                 f"{run.state.epoch + 1}")
-    state = run.state
-    state.epoch, state.step, state.epoch_totals = state.epoch + 1, 0, None
-    is_best = not state.history or evaluation.top1 > state.best_top1
-    state.best_top1 = max(state.best_top1, evaluation.top1)
-    run.early_stopping.update(evaluation.top1)
-    row = {"epoch": state.epoch, "epoch_seconds": round(train_result.seconds + evaluation.seconds, 3),
-           "train_seconds": round(train_result.seconds, 3), "images": train_result.images,
-           "train_loss": round(train_result.loss, 5), "train_top1": round(train_result.top1, 5),
-           **evaluation_columns(run.selection_split, evaluation), "lr": run.train_step.last_lr,
-           "images_per_sec": round(train_result.images_per_sec, 1), "best": int(is_best)}
+                                 f"{row['epoch']}")
+    row.update(evaluation_columns(run.selection_split, evaluation))
     if run.average is not None:  # the raw weights beside their average
         raw = evaluate(unwrap_model(run.model), run.selection_loader, run.runtime, run.precision, run.config.tta)
         row["raw_top1"] = round(raw.top1, 5)
-    state.history.append(row)
-    if is_best:
-        run.best_weights = snapshot_to_host(run.evaluated_model.state_dict())
-    save_checkpoint(run, is_best)
-    if run.runtime.is_main:
-        show(format_epoch_line(row, run.config.epochs, run.selection_split), run.interrupt)
-        log_tensorboard(run.tensorboard, row)
+    state = run.state
+    is_best = not any(f"{run.selection_split}_top1" in earlier for earlier in state.history) or \
+        evaluation.top1 > state.best_top1
+    state.best_top1 = max(state.best_top1, evaluation.top1)
+    run.early_stopping.update(evaluation.top1)
+    return evaluation.seconds, is_best
 
 
 def use_rank_0s_state(run):
@@ -1034,10 +1059,13 @@ def test_final_and_best(run):
 
 
 def format_epoch_line(row, epochs, split="test"):
-    raw = f" (raw {100 * row['raw_top1']:5.2f}%)" if "raw_top1" in row else ""
+    evaluation = ""
+    if f"{split}_top1" in row:  # with --eval-every, not every epoch is evaluated
+        raw = f" (raw {100 * row['raw_top1']:5.2f}%)" if "raw_top1" in row else ""
+        evaluation = (f"{split} loss {row[f'{split}_loss']:.4f} | top-1 {100 * row[f'{split}_top1']:5.2f}%{raw} | "
+                      f"top-5 {100 * row[f'{split}_top5']:5.2f}% | ")
     return (f"epoch {row['epoch']:>3}/{epochs} | {row['epoch_seconds']:6.1f}s | train loss {row['train_loss']:.4f} | "
-            f"{split} loss {row[f'{split}_loss']:.4f} | top-1 {100 * row[f'{split}_top1']:5.2f}%{raw} | "
-            f"top-5 {100 * row[f'{split}_top5']:5.2f}% | lr {row['lr']:.5f} | {row['images_per_sec']:,.0f} img/s"
+            f"{evaluation}lr {row['lr']:.5f} | {row['images_per_sec']:,.0f} img/s"
             + (" | new best" if row["best"] else ""))
 
 

@@ -94,6 +94,9 @@ def test_end_to_end_run_writes_checkpoints_and_metrics(cifar_dir, tmp_path):
     assert float(rows[0]["lr"]) < 1e-5  # the lr the last step used: OneCycle ends near 0, not one step past it
     assert "done after 1 epoch," in result.stdout
     assert "start-up work in epoch 1 (the first step) not counted" in result.stdout  # no cudnn, no graph on a CPU
+    startup = next(line for line in result.stdout.splitlines() if line.startswith("first training step done"))
+    assert all(f"{part} " in startup for part in ("python", "import torch", "device", "reading the data",
+                                                   "data to the device", "model"))
     assert "recipe: --batch-size 16 --epochs 1" in result.stdout
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert config == checkpoint["args"] and config["batch_size"] == 16
@@ -467,3 +470,21 @@ def test_a_file_that_is_no_checkpoint_is_not_called_possibly_code(train_main, ci
     assert train_main(["--evaluate", str(REPO / "README.md"), "--data-dir", str(cifar_dir), "--no-download"]) == 1
     assert capsys.readouterr().err.strip() == f"error: {REPO / 'README.md'} is not a checkpoint: torch.save did " \
                                               f"not write it"
+
+
+def test_eval_every_and_save_every_look_and_write_only_when_due(train_main, cifar_dir, tmp_path, capsys,
+                                                               monkeypatch):
+    import run_dir
+    written = []
+    monkeypatch.setattr(run_dir, "checkpoint_bytes", lambda checkpoint, real=run_dir.checkpoint_bytes: (
+        written.append(checkpoint["epoch"]), real(checkpoint))[1])
+    capsys.readouterr()
+    assert train_main(tiny_run_args(cifar_dir, tmp_path / "ckpt", "--epochs", "5", "--eval-every", "2",
+                                    "--save-every", "3")) == 0
+    history = load_checkpoint(tmp_path / "ckpt" / "last.pt")["history"]
+    assert [row["epoch"] for row in history if "test_top1" in row] == [2, 4, 5]  # every 2nd, and the last
+    assert set(written) <= {2, 3, 4, 5} and {3, 5} <= set(written)  # every 3rd and the last; a best when evaluated
+    assert not [epoch for epoch in written if epoch not in (3, 5) and not history[epoch - 1]["best"]]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert "test loss" not in lines[0] and "test loss" in lines[1] and len(lines) == 5
+    assert len(read_metrics(tmp_path / "ckpt" / "metrics.csv")) == 5

@@ -517,3 +517,44 @@ def test_a_data_dir_naming_the_extracted_folder_itself_points_at_its_parent(cifa
     with pytest.raises(DataError, match=f"{folder} is the cifar-100-python folder itself: point --data-dir at its "
                                         f"parent, {cifar_dir}"):
         read_cifar100(folder, download=False)
+
+
+# ---- the cache beside the pickles ----
+
+
+def test_the_first_read_caches_each_split_and_later_reads_take_it(cifar_dir, monkeypatch):
+    first = read_cifar100(cifar_dir, download=False)
+    folder = cifar_dir / "cifar-100-python"
+    assert (folder / ".train.uint8.npz").is_file() and (folder / ".test.uint8.npz").is_file()
+    real_unpickle = dataset_utils.unpickle
+    monkeypatch.setattr(dataset_utils, "unpickle", lambda path, what: real_unpickle(path, what) if what == "meta file"
+                        else pytest.fail(f"unpickled {path}"))
+    again = read_cifar100(cifar_dir, download=False)
+    for name in ("train_images", "train_labels", "test_images", "test_labels"):
+        assert torch.equal(getattr(first, name), getattr(again, name)) and getattr(again, name).dtype == \
+            getattr(first, name).dtype
+
+
+def test_a_cache_of_other_bytes_or_a_damaged_one_is_never_taken(cifar_dir):
+    read_cifar100(cifar_dir, download=False)
+    path = cifar_dir / "cifar-100-python" / "train"
+    data = rewrite_split(path)["data"].copy()
+    data[3, 7] ^= 255  # the same size, within the same instant: the cache no longer describes the file
+    rewrite_split(path, data=data)
+    assert read_cifar100(cifar_dir, download=False).train_images[3].flatten()[7] == data[3, 7]
+    (cifar_dir / "cifar-100-python" / ".test.uint8.npz").write_bytes(b"not an archive")
+    expected = pickle.loads((cifar_dir / "cifar-100-python" / "test").read_bytes())["data"].reshape(-1, 3, 32, 32)
+    assert torch.equal(read_cifar100(cifar_dir, download=False).test_images, torch.from_numpy(expected))
+
+
+def test_a_folder_that_cannot_take_the_cache_is_left_as_it_was(cifar_dir, monkeypatch):
+    import errno
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(dataset_utils.np, "savez", disk_full)
+    folder = cifar_dir / "cifar-100-python"
+    before = sorted(path.name for path in folder.iterdir())
+    read_cifar100(cifar_dir, download=False)
+    assert sorted(path.name for path in folder.iterdir()) == before

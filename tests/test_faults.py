@@ -98,10 +98,13 @@ def test_a_signal_saves_a_resumable_checkpoint_and_says_how_to_resume(run_setup,
     assert_same_weights(reference, load_weights(checkpoint_dir / "last.pt"))
 
 
-@pytest.mark.parametrize("recipe", [(), STRONGEST_RECIPE], ids=["default", "strongest"])
+SPARSE_RECORDS = ("--eval-every", 3, "--save-every", 2)  # how often a run looks and writes: never what it trains
+
+
+@pytest.mark.parametrize("recipe", [(), STRONGEST_RECIPE, SPARSE_RECORDS], ids=["default", "strongest", "sparse"])
 def test_an_interrupt_mid_epoch_resumes_at_that_step_exactly(request, tmp_path, train_main, monkeypatch, recipe):
     import train_utils
-    cifar_dir, reference = request.getfixturevalue("strongest_setup" if recipe else "run_setup")
+    cifar_dir, reference = request.getfixturevalue("strongest_setup" if "--sam" in recipe else "run_setup")
     real_criterion, calls = train_utils.make_criterion(), []
 
     passes = 2 if "--sam" in recipe else 1  # SAM takes the loss twice a step
