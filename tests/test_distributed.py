@@ -107,22 +107,29 @@ def test_a_one_image_validation_split_and_the_largest_seed_work_under_torchrun(r
     assert row["val_top1"] in (0.0, 1.0) and "test_top1" not in row  # judged on the one image, not the test set
 
 
-def test_a_signal_that_reaches_one_rank_stops_every_rank_with_a_checkpoint(runs, tmp_path):
-    import signal
+def training_under_torchrun(cifar_dir, folder, **popen_kwargs):
+    """A long 2-process torchrun run, returned once its first checkpoint is on disk."""
     import time
-
-    from test_run_dir import running, worker_pids
-    cifar_dir, _, _, _ = runs
-    folder = tmp_path / "ckpt"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                                  str(REPO / "train.py"), *map(str, tiny_run_args(cifar_dir, folder, "--epochs", 1000,
                                                                                  "--batch-size", 64))],
-                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                **popen_kwargs)
     deadline = time.monotonic() + 120
     while not (folder / "last.pt").exists():
         assert launcher.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
+    return launcher
+
+
+def test_a_signal_that_reaches_one_rank_stops_every_rank_with_a_checkpoint(runs, tmp_path):
+    import signal
+
+    from test_run_dir import running, worker_pids
+    cifar_dir, _, _, _ = runs
+    folder = tmp_path / "ckpt"
+    launcher = training_under_torchrun(cifar_dir, folder)
     workers = worker_pids(launcher.pid)
     assert len(workers) == 2
     os.kill(workers[1], signal.SIGTERM)  # one worker only, as a batch system or a user's kill might
@@ -136,19 +143,9 @@ def test_a_signal_that_reaches_one_rank_stops_every_rank_with_a_checkpoint(runs,
 
 def test_ctrl_c_on_torchrun_saves_once_says_so_once_and_hints_the_torchrun_command(runs, tmp_path):
     import signal
-    import time
     cifar_dir, _, _, _ = runs
     folder = tmp_path / "ckpt"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                 str(REPO / "train.py"), *map(str, tiny_run_args(cifar_dir, folder, "--epochs", 1000,
-                                                                                 "--batch-size", 64))],
-                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not (folder / "last.pt").exists():
-        assert launcher.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    launcher = training_under_torchrun(cifar_dir, folder, start_new_session=True)
     os.killpg(launcher.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the launcher and its workers
     _, err = launcher.communicate(timeout=120)
     assert err.count("SIGINT: saving a checkpoint after this step") == 1  # rank 0 says it for every rank
