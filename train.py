@@ -6,7 +6,17 @@
     python train.py --evaluate               # test checkpoint/best.pt and exit
     torchrun --nproc_per_node=4 train.py     # the same run on 4 GPUs
 """
+import argparse
+import contextlib
+import os
+import re
+import shlex
+import signal
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields, replace
+from pathlib import Path
 
 
 def process_started_at():
@@ -19,23 +29,11 @@ def process_started_at():
         return time.time()
 
 
-import os  # noqa: E402
-
 STARTED = process_started_at()  # before the heavy imports, so "first step after start" counts them
 
-import argparse
-import contextlib
-import re
-import shlex
-import signal
-import sys
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import fields, replace
-from pathlib import Path
-
-from cli import (FRACTION, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, FlagError, Parser,
+from cli import (FRACTION, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, FlagError, Parser,  # noqa: E402
                  bounded, non_empty)
-from run_dir import CheckpointError, RunDir, load_checkpoint
+from run_dir import CheckpointError, RunDir, load_checkpoint  # noqa: E402
 
 PRESETS = {
     # ResNet18 to >= 73 % top-1 in the fewest seconds on one GPU; see README "Recipes".
@@ -64,9 +62,7 @@ def build_parser(raising=False):
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--preset", choices=sorted(PRESETS),
                        help="a named recipe; flags given still win. " + "; ".join(
-                           f"{name}: " + " ".join(f"--{key.replace('_', '-')}" + ("" if value is True else f" {value}")
-                                                 for key, value in preset.items())
-                           for name, preset in PRESETS.items()))
+                           f"{name}: {' '.join(as_flags(preset))}" for name, preset in PRESETS.items()))
     optim.add_argument("-b", "--batch-size", type=POSITIVE_INT, default=128,
                        help="global batch size, split over the processes of a torchrun run")
     optim.add_argument("--epochs", type=POSITIVE_INT, default=100, help="length of the OneCycle schedule")
@@ -289,7 +285,8 @@ if __name__ == "__main__":
 TORCH_STARTED = time.time()
 import torch  # noqa: E402
 
-from dataset_utils import DataConfig, DataError, EvalLoader, load_cifar100, read_cifar100  # noqa: E402
+from dataset_utils import (FOLDER_NAME, SPLIT_FILES, DataConfig, DataError, EvalLoader, load_cifar100,  # noqa: E402
+                           read_cifar100)
 from device_utils import (DeviceError, input_dtype, leave_together, on_main_rank, resolve_precision,  # noqa: E402
                           setup_runtime, teardown_runtime)
 from train_utils import (Config, EarlyStopping, NonFiniteLossError, build_run, check_model_config,  # noqa: E402
@@ -302,23 +299,25 @@ IMPORTED = time.time()
 
 class DataReader:
     """CIFAR-100 read on a thread of its own, started first, so that the reading goes on beside the device's
-    set-up (CUDA's initialisation) and the run folder's checks. `arrays()` waits for it and raises what it
-    raised, where the run needs the data."""
+    set-up (CUDA's initialisation) and the run folder's checks; `arrays()` waits for it and raises what it
+    raised, where the run needs the data. Data still to be downloaded or unpacked is fetched there and then
+    instead: a run that stops before would otherwise wait for the download to end."""
 
     def __init__(self, data_dir, download):
-        self.seconds = 0.0
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="data-reader")
-        self.future = pool.submit(self.read, data_dir, download)
-        pool.shutdown(wait=False)
+        self.data_dir, self.download, self.seconds, self.future = data_dir, download, 0.0, None
+        if all((Path(data_dir) / FOLDER_NAME / name).is_file() for name in SPLIT_FILES):
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="data-reader")
+            self.future = pool.submit(self.read)
+            pool.shutdown(wait=False)
 
-    def read(self, data_dir, download):
+    def read(self):
         started = time.perf_counter()
-        arrays = read_cifar100(data_dir, download)
+        arrays = read_cifar100(self.data_dir, self.download)
         self.seconds = time.perf_counter() - started
         return arrays
 
     def arrays(self):
-        return self.future.result()
+        return self.future.result() if self.future is not None else self.read()
 
 
 def main(argv=None):

@@ -147,7 +147,7 @@ def fits_type(value, annotation):
 
 
 class EarlyStopping:
-    """Stop once test top-1 has been >= `target` for `patience` consecutive epochs; target None never stops.
+    """Stop once top-1 has been >= `target` for `patience` consecutive evaluated epochs; target None never stops.
 
     It keeps every epoch's top-1, not just a streak, so a target changed on --resume is judged fairly.
     """
