@@ -303,3 +303,16 @@ def test_train_top1_under_mixing_counts_each_hit_by_its_share_of_the_target(cifa
     assert step.sums[1].item() == pytest.approx(0.7 + 0.6 + 0.0)
     step.record(torch.tensor(1.0), logits, torch.tensor([1, 2, 2]))
     assert step.sums[1].item() == pytest.approx(1.3 + 2)
+
+
+def test_the_progress_bar_starts_after_the_epochs_augmentation_so_its_rate_counts_steps_alone(cifar_dir,
+                                                                                               monkeypatch):
+    run = tiny_run(cifar_dir)
+    events = []
+    augment_epoch = run.train_loader.augment_epoch
+    monkeypatch.setattr(run.train_loader, "augment_epoch", lambda *args: events.append("augmented") or
+                        augment_epoch(*args))
+    monkeypatch.setattr(train_utils.Progress, "__init__", lambda self, *args, real=train_utils.Progress.__init__: (
+        events.append("progress starts"), real(self, *args))[1])
+    train_one_epoch(run, show_progress=False)
+    assert events == ["augmented", "progress starts"]  # not a first step that seems to take the whole augmentation
