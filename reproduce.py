@@ -10,7 +10,6 @@ Each run's printed output and metrics.csv go to results/<table>/<run>/, its chec
 runs/<table>/<run>/, and the table, with the device, the torch version and the date, to
 results/<table>/table.md as well as the screen. Wall time is the whole process, start to exit.
 """
-import argparse
 import csv
 import datetime
 import re
@@ -21,6 +20,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from cli import Parser
 
 REPO = Path(__file__).resolve().parent
 
@@ -61,6 +62,14 @@ TABLES = {
         "cutmix": ["--cutmix", "1.0", "--cutmix-prob", "0.5"], "sam0.05": ["--sam", "0.05"], "sam0.1": ["--sam", "0.1"],
         "sam0.2": ["--sam", "0.2"], "ema": ["--ema", "0.999"], "label-smoothing": ["--label-smoothing", "0.1"],
         "batch256": ["--batch-size", "256", "--lr", "0.2"], "batch512": ["--batch-size", "512", "--lr", "0.4"]}),
+    # Candidates for a faster --preset fast, judged on 5,000 held-out images; each against the preset as it is.
+    "fast-choice": choices(["--preset", "fast", "--val-size", "5000"], {
+        "preset": [], "end-only": ["--eval-every", "24", "--save-every", "24"],
+        "ema": ["--ema", "0.999", "--eval-every", "24", "--save-every", "24"],
+        "ta-wide": ["--auto-augment", "ta_wide", "--eval-every", "24", "--save-every", "24"],
+        "20-epochs": ["--epochs", "20", "--eval-every", "20", "--save-every", "20"],
+        "batch1024": ["--batch-size", "1024", "--lr", "0.8", "--eval-every", "24", "--save-every", "24"],
+        "compiled": ["--compile", "--eval-every", "24", "--save-every", "24"]}),
     # The same choices on WRN-16-8, a quarter of WRN-28-10's cost per image.
     "wrn-choice": choices(["--model", "wideresnet", "--depth", "16", "--widen-factor", "8", "--batch-size", "256",
                            "--lr", "0.2", "--nesterov", *SHORT_ON_VALIDATION], {
@@ -76,9 +85,7 @@ class ReproduceError(RuntimeError):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                     epilog="after --: flags added to every run's command")
+    parser = Parser(__doc__.splitlines()[0] + " Flags after -- are added to every run's command.")
     parser.add_argument("table", choices=sorted(TABLES))
     parser.add_argument("--runs", help="comma-separated names of the runs to do (default: every run of the table)")
     parser.add_argument("--results", default="results", help="where each run's output and metrics.csv go")
