@@ -206,9 +206,3 @@ def equalize(images):
     table = ((step // 2 + below) // step.clamp(min=1)).clamp(max=255)
     equalized = torch.where(step > 0, table.gather(2, levels), levels)
     return equalized.view(images.shape).to(images.dtype)
-
-
-def describe_policy(policy, num_ops, magnitude):
-    if policy == "ta_wide":
-        return "TrivialAugment-Wide"
-    return f"RandAugment ({num_ops} ops at magnitude {magnitude})"

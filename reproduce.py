@@ -10,7 +10,6 @@ Each run's printed output and metrics.csv go to results/<table>/<run>/, its chec
 runs/<table>/<run>/, and the table, with the device, the torch version and the date, to
 results/<table>/table.md as well as the screen. Wall time is the whole process, start to exit.
 """
-import csv
 import datetime
 import re
 import shutil
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cli import Parser
+from run_dir import read_metrics
 
 REPO = Path(__file__).resolve().parent
 
@@ -125,7 +125,7 @@ def whole_run_row(run, command, code, wall_seconds, folder):
     validation split for a run that has one (its test figure stays in its log), else on the test set."""
     output = (folder / "output.txt").read_text()
     first_step = re.search(r"first training step done ([\d.]+)s after start", output)
-    rows = read_rows(folder / "metrics.csv")
+    rows = read_metrics(folder / "metrics.csv") if (folder / "metrics.csv").is_file() else []
     split = "val" if "--val-size" in command else "test"
     top1 = 100 * float(rows[-1][f"{split}_top1"]) if rows and rows[-1].get(f"{split}_top1") else None
     epoch_seconds = [float(row["epoch_seconds"]) for row in rows]
@@ -136,13 +136,6 @@ def whole_run_row(run, command, code, wall_seconds, folder):
     if code != 0:
         cells[-1] = f"failed (exit {code})"
     return "| " + " | ".join(cells) + " |"
-
-
-def read_rows(path):
-    if not path.is_file():
-        return []
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 WHOLE_RUN_HEADER = ("| run | command | epochs | wall s | first step s | epoch s (median) | top-1 of the final model |\n"
