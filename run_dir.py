@@ -15,8 +15,8 @@ import json
 import os
 import pickle
 import re
-import sys
 import secrets
+import sys
 import threading
 from pathlib import Path
 
@@ -254,16 +254,17 @@ class RunDir:
     def check_holds_run_of(self, checkpoint, source):
         """A folder that holds a run goes on only from a checkpoint of that run, at or after where it stands."""
         held = self.held()
-        if held:
-            here = load_checkpoint(self.last if self.last.exists() else self.best) if \
-                (self.last.exists() or self.best.exists()) else {}
-            if here.get("run_id") is None or here.get("run_id") != checkpoint.get("run_id"):
-                raise CheckpointError(f"{self.path} holds another run ({', '.join(held)}), not the one in {source}: "
-                                      f"continue {source} in a new --checkpoint-dir")
-            if self.last.exists() and position(here) > position(checkpoint):
-                raise CheckpointError(f"{source} is at {describe_position(checkpoint)}, behind {self.last} at "
-                                      f"{describe_position(here)} of the same run: resume {self.last}, or continue "
-                                      f"{source} in a new --checkpoint-dir")
+        if not held:
+            return
+        record = self.last if self.last.exists() else self.best
+        here = load_checkpoint(record) if record.exists() else {}  # a folder of metrics alone is no run's we know
+        if here.get("run_id") is None or here.get("run_id") != checkpoint.get("run_id"):
+            raise CheckpointError(f"{self.path} holds another run ({', '.join(held)}), not the one in {source}: "
+                                  f"continue {source} in a new --checkpoint-dir")
+        if self.last.exists() and position(here) > position(checkpoint):
+            raise CheckpointError(f"{source} is at {describe_position(checkpoint)}, behind {self.last} at "
+                                  f"{describe_position(here)} of the same run: resume {self.last}, or continue "
+                                  f"{source} in a new --checkpoint-dir")
 
     def adopt(self, checkpoint=None, source=None):
         """Make the folder hold the run this process goes on with: a resume from elsewhere copies `source` in as
@@ -277,7 +278,7 @@ class RunDir:
             best = Path(source).parent / self.BEST
             if new and best.is_file() and run_id_of(best) == checkpoint.get("run_id"):
                 atomic_write(self.best, best.read_bytes())
-        self.reconcile()
+        self.reconcile(checkpoint)
 
     def take_lock(self):
         try:  # opened read-only: flock needs no more, and the folder's file system can still be remounted
@@ -298,11 +299,9 @@ class RunDir:
             if is_temporary_of(entry.name, (*self.OURS, self.PROBE)) and entry.is_file():
                 entry.unlink()
 
-    def reconcile(self):
-        """Bring best.pt and metrics.csv up to last.pt, the commit point, after a kill between the writes."""
-        if not self.last.exists():
-            return
-        last = load_checkpoint(self.last)
+    def reconcile(self, last):
+        """Bring best.pt and the records up to last.pt (whose contents `last` is), the commit point, after a kill
+        between the writes."""
         best_epochs = [row["epoch"] for row in last["history"] if row.get("best")]
         if best_epochs and self.epoch_in_best() != best_epochs[-1]:
             if best_epochs[-1] == last["epoch"] and last["step"] == 0:
