@@ -1026,8 +1026,7 @@ def evaluate_epoch(run, row):
         raw = evaluate(unwrap_model(run.model), run.selection_loader, run.runtime, run.precision, run.config.tta)
         row["raw_top1"] = round(raw.top1, 5)
     state = run.state
-    is_best = not any(f"{run.selection_split}_top1" in earlier for earlier in state.history) or \
-        evaluation.top1 > state.best_top1
+    is_best = not run.early_stopping.top1_history or evaluation.top1 > state.best_top1  # the first evaluation, too
     state.best_top1 = max(state.best_top1, evaluation.top1)
     run.early_stopping.update(evaluation.top1)
     return evaluation.seconds, is_best
