@@ -38,6 +38,7 @@ IMAGE_SIZE = 32
 # float32 intermediates (about 60 KB an image at their peak) stay near 1 GB.
 AUGMENT_CHUNK_IMAGES = 16_384
 VALIDATION_SEED = 20_231_117
+FLIP_STREAM = 0xF11B  # keeps the alternating flip's draw apart from every other seeded draw
 
 
 # The official python-version archive (about 161 MB) and the folder it unpacks to.
@@ -311,6 +312,7 @@ class Augmentation:
     policy: str = None  # "ta_wide" or "ra": replaces the rotation and colour jitter
     num_ops: int = 2  # RandAugment's ops per image
     magnitude: int = 9  # RandAugment's magnitude bin
+    flip: str = "random"  # "random": each image's own coin every epoch; "alternate": mirrored every other epoch
 
     @property
     def mixes(self):
@@ -368,6 +370,8 @@ def plan_epoch(num_images, steps, seed, epoch, device, augmentation=Augmentation
     if augmentation.policy:
         policy = plan_policy(*draw_policy(num_images, augmentation.policy, augmentation.num_ops,
                                           augmentation.magnitude, generator))
+    if augmentation.flip == "alternate":
+        flip = alternating_flips(num_images, seed, epoch)[order]
 
     def to_device(tensor):
         if torch.device(device).type == "cuda":  # from pageable memory a copy would wait for the stream's work
@@ -379,6 +383,14 @@ def plan_epoch(num_images, steps, seed, epoch, device, augmentation=Augmentation
 
     return AugmentationPlan(*map(to_device, (order, crop_offsets, flip, degrees, jitter_factors, jitter_order,
                                              cutout_centres)), parts_to_device(mixing), parts_to_device(policy))
+
+
+def alternating_flips(num_images, seed, epoch):
+    """Which images (by index in the data set) are mirrored in `epoch`: a random half fixed by the seed in even
+    epochs, the other half in odd ones, as airbench's alternating flip. Any two epochs in a row then show every
+    image both ways, where independent coins leave a quarter of the images unmirrored in both."""
+    first = np.random.default_rng([seed, FLIP_STREAM]).random(num_images) < 0.5
+    return torch.from_numpy(first) ^ bool(epoch % 2)
 
 
 def plan_mixing(steps, batch_size, augmentation, generator):

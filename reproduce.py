@@ -42,6 +42,7 @@ def choices(base, candidates):
 
 
 SHORT_ON_VALIDATION = ["--epochs", "30", "--val-size", "5000"]
+END_ONLY = ["--eval-every", "24", "--save-every", "24"]  # the fast preset's 24 epochs, judged and saved at the end
 TABLES = {
     "default": [Run("seed0", ["train.py"])],
     "fast": seeds(["--preset", "fast"]),
@@ -64,12 +65,15 @@ TABLES = {
         "batch256": ["--batch-size", "256", "--lr", "0.2"], "batch512": ["--batch-size", "512", "--lr", "0.4"]}),
     # Candidates for a faster --preset fast, judged on 5,000 held-out images; each against the preset as it is.
     "fast-choice": choices(["--preset", "fast", "--val-size", "5000"], {
-        "preset": [], "end-only": ["--eval-every", "24", "--save-every", "24"],
-        "ema": ["--ema", "0.999", "--eval-every", "24", "--save-every", "24"],
-        "ta-wide": ["--auto-augment", "ta_wide", "--eval-every", "24", "--save-every", "24"],
+        "preset": [], "end-only": END_ONLY,
+        "ema": ["--ema", "0.999", *END_ONLY],
+        "ta-wide": ["--auto-augment", "ta_wide", *END_ONLY],
         "20-epochs": ["--epochs", "20", "--eval-every", "20", "--save-every", "20"],
-        "batch1024": ["--batch-size", "1024", "--lr", "0.8", "--eval-every", "24", "--save-every", "24"],
-        "compiled": ["--compile", "--eval-every", "24", "--save-every", "24"]}),
+        "batch1024": ["--batch-size", "1024", "--lr", "0.8", *END_ONLY],
+        "compiled": ["--compile", *END_ONLY],
+        "bn-bias-lr8": ["--bn-bias-lr-scale", "8", *END_ONLY],
+        "alternate-flip": ["--flip", "alternate", *END_ONLY],
+        "tta-crops": ["--tta-crops", *END_ONLY]}),
     # The same choices on WRN-16-8, a quarter of WRN-28-10's cost per image.
     "wrn-choice": choices(["--model", "wideresnet", "--depth", "16", "--widen-factor", "8", "--batch-size", "256",
                            "--lr", "0.2", "--nesterov", *SHORT_ON_VALIDATION], {

@@ -76,6 +76,9 @@ def build_parser(raising=False):
     optim.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
     optim.add_argument("--wd", "--weight-decay", dest="weight_decay", type=NON_NEGATIVE_FLOAT, default=5e-4,
                        help="weight decay")
+    optim.add_argument("--bn-bias-lr-scale", type=POSITIVE_FLOAT, default=1.0, metavar="K",
+                       help="BatchNorm biases train at K times the lr and 1/K the weight decay, so they decay per "
+                            "step as the other weights (airbench's bias scaler) (1: as the other weights)")
     optim.add_argument("--label-smoothing", type=FRACTION, default=0.0, help="in [0, 1)")
     optim.add_argument("--auto-augment", choices=["ta_wide", "ra"], default=None,
                        help="TrivialAugment-Wide or RandAugment, each image with its own ops, in place of the "
@@ -87,6 +90,10 @@ def build_parser(raising=False):
     optim.add_argument("--cutout", type=bounded(int, low=0, high=32), default=0, metavar="SIZE",
                        help="set a square of about SIZE x SIZE per training image to the mean colour, as the Cutout "
                             "paper's code does (an odd SIZE cuts SIZE - 1) (0: off)")
+    optim.add_argument("--flip", choices=["random", "alternate"], default="random",
+                       help="random: each image mirrored by its own coin every epoch; alternate: each image mirrored "
+                            "in every other epoch, a random half in the even epochs and the other half in the odd "
+                            "(airbench's alternating flip)")
     optim.add_argument("--mixup", type=NON_NEGATIVE_FLOAT, default=0.0, metavar="ALPHA",
                        help="blend each training image with another of its batch (a random pairing per batch), "
                             "images and targets, by a weight drawn per batch from Beta(ALPHA, ALPHA) (0: off)")
@@ -133,6 +140,10 @@ def build_parser(raising=False):
     run.add_argument("--no-cuda-graphs", action="store_true",
                      help="run the training step eagerly on CUDA instead of replaying it as a CUDA graph")
     run.add_argument("--tta", action="store_true", help="evaluate on the image and its mirror, averaged")
+    run.add_argument("--tta-crops", action="store_true",
+                     help="evaluate on 6 views, airbench's test-time augmentation: half the image and its mirror, "
+                          "half the same pair for the crops shifted one pixel up-left and down-right (edges "
+                          "reflected); implies --tta")
     run.add_argument("--test-batch-size", type=POSITIVE_INT, default=1000, help="evaluation batch")
     run.add_argument("--eval-every", type=POSITIVE_INT, default=1, metavar="K",
                      help="evaluate every K epochs and the last (best.pt and early stopping judge those alone)")
@@ -533,7 +544,8 @@ def evaluate_checkpoint(args, explicit, runtime, reader):
     arrays = reader.arrays()
     test_loader = EvalLoader(arrays.test_images.to(runtime.device), arrays.test_labels.to(runtime.device),
                              config.test_batch_size, runtime.rank, runtime.world_size)
-    result = evaluate(model, test_loader, runtime, resolve_precision(runtime.device, config.precision), config.tta)
+    result = evaluate(model, test_loader, runtime, resolve_precision(runtime.device, config.precision),
+                      config.test_views)
     if runtime.is_main:
         show(f"{path}: test loss {result.loss:.4f}, top-1 {100 * result.top1:.2f}%, top-5 {100 * result.top5:.2f}% "
              f"(stored best top-1 {100 * checkpoint['best_top1']:.2f}% after epoch {checkpoint['epoch']})")

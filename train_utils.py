@@ -69,11 +69,13 @@ class Config:
     min_momentum: float | None
     nesterov: bool
     weight_decay: float
+    bn_bias_lr_scale: float
     label_smoothing: float
     auto_augment: str | None
     ra_num_ops: int
     ra_magnitude: int
     cutout: int
+    flip: str
     mixup: float
     cutmix: float
     cutmix_prob: float
@@ -88,6 +90,7 @@ class Config:
     target_accuracy: float | None = may_change()
     patience: int = may_change()
     tta: bool = may_change()
+    tta_crops: bool = may_change()
     precision: str = may_change()
     tensorboard: bool = may_change()
     checkpoint_dir: str = this_command()
@@ -125,7 +128,12 @@ class Config:
     @property
     def augmentation(self):
         return Augmentation(self.cutout, self.mixup, self.cutmix, self.cutmix_prob, self.auto_augment,
-                            self.ra_num_ops, self.ra_magnitude)
+                            self.ra_num_ops, self.ra_magnitude, self.flip)
+
+    @property
+    def test_views(self):
+        """What an evaluation averages over: the image alone, with its mirror, or with shifted crops as well."""
+        return "crops" if self.tta_crops else "mirror" if self.tta else "image"
 
     @property
     def model_config(self):
@@ -185,21 +193,35 @@ class EarlyStopping:
 # ---- optimisation ----
 
 
-def make_optimizer(model, lr, momentum=0.9, weight_decay=5e-4, nesterov=False):
-    """SGD; on CUDA the fused kernel (one launch for every parameter, and it takes the lr as a device tensor)."""
+def make_optimizer(model, lr, momentum=0.9, weight_decay=5e-4, nesterov=False, bn_bias_lr_scale=1.0):
+    """SGD; on CUDA the fused kernel (one launch for every parameter, and it takes the lr as a device tensor).
+
+    With `bn_bias_lr_scale` K other than 1, BatchNorm's biases form a second group at K times the lr and 1/K the
+    weight decay, so that their decay per step stays the others' (airbench's bias scaler). The first group holds
+    every other parameter; each group's lr is its peak.
+    """
     fused = next(model.parameters()).device.type == "cuda"
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
-                           nesterov=nesterov, fused=fused or None)
+    groups = [{"params": list(model.parameters())}]
+    if bn_bias_lr_scale != 1:
+        biases = [module.bias for module in model.modules()
+                  if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.bias is not None]
+        scaled = {id(bias) for bias in biases}
+        groups = [{"params": [p for p in model.parameters() if id(p) not in scaled]},
+                  {"params": biases, "lr": lr * bn_bias_lr_scale, "weight_decay": weight_decay / bn_bias_lr_scale}]
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                           fused=fused or None)
 
 
-def make_scheduler(optimizer, max_lr, total_steps, momentum_bounds=None):
-    """OneCycle on the lr. Momentum stays what the optimizer has, or with `momentum_bounds` (low, high) it
-    cycles against the lr: high at the start and the end, low at the lr's peak."""
+def make_scheduler(optimizer, total_steps, momentum_bounds=None):
+    """OneCycle on each group's lr, peaking at the lr the group was made with. Momentum stays what the optimizer
+    has, or with `momentum_bounds` (low, high) it cycles against the lr: high at the start and the end, low at the
+    lr's peak."""
+    peaks = [float(group["lr"]) for group in optimizer.param_groups]
     if momentum_bounds is None:
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps,
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=total_steps,
                                                    cycle_momentum=False)
     low, high = momentum_bounds
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps,
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=total_steps,
                                                base_momentum=low, max_momentum=high)
 
 
@@ -688,8 +710,9 @@ class EvalResult:
     seconds: float
 
 
-def evaluate(model, loader, runtime, precision, tta=False):
-    """Loss, top-1 and top-5 over a whole evaluation set (all ranks' shards); `tta` averages with the flip.
+def evaluate(model, loader, runtime, precision, views="image"):
+    """Loss, top-1 and top-5 over a whole evaluation set (all ranks' shards), from the logits averaged over
+    `views` (see `view_logits`).
 
     The model is left in the mode it came in.
     """
@@ -700,9 +723,7 @@ def evaluate(model, loader, runtime, precision, tta=False):
     started = time.perf_counter()
     with torch.inference_mode(), autocast(runtime.device, precision):
         for batch, labels in loader:
-            logits = model(batch).float()
-            if tta:
-                logits = (logits + model(batch.flip(-1)).float()) / 2
+            logits = view_logits(model, batch, views)
             top5 = logits.topk(5, dim=1).indices
             sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
                                  (top5[:, 0] == labels).sum().float(),
@@ -712,6 +733,23 @@ def evaluate(model, loader, runtime, precision, tta=False):
     loss_sum, top1, top5, count = all_reduce_sum(totals, runtime).tolist()
     model.train(was_training)
     return EvalResult(loss_sum / count, top1 / count, top5 / count, time.perf_counter() - started)
+
+
+def view_logits(model, batch, views="image"):
+    """Float logits of a batch of normalised images: "image" as it is; "mirror" averaged with its mirror;
+    "crops" as airbench's test-time augmentation: half that pair, half the same pair of the two crops shifted one
+    pixel up-left and down-right from the image padded by reflection (6 views)."""
+    def with_mirror(images):
+        return (model(images).float() + model(images.flip(-1)).float()) / 2
+
+    if views == "image":
+        return model(batch).float()
+    if views == "mirror":
+        return with_mirror(batch)
+    size = batch.shape[-1]
+    padded = F.pad(batch, (1, 1, 1, 1), mode="reflect")
+    shifted = (with_mirror(padded[..., :size, :size]) + with_mirror(padded[..., 2:, 2:])) / 2
+    return (with_mirror(batch) + shifted) / 2
 
 
 def make_criterion(label_smoothing=0.0):
@@ -877,9 +915,10 @@ def build_run(config, runtime, loaders, run_dir=None, resumed=None):
     if config.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(runtime.device, memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, config.lr, config.momentum, config.weight_decay, config.nesterov)
+    optimizer = make_optimizer(model, config.lr, config.momentum, config.weight_decay, config.nesterov,
+                               config.bn_bias_lr_scale)
     momentum_bounds = None if config.min_momentum is None else (config.min_momentum, config.momentum)
-    scheduler = make_scheduler(optimizer, config.lr, config.epochs * train_loader.steps_per_epoch, momentum_bounds)
+    scheduler = make_scheduler(optimizer, config.epochs * train_loader.steps_per_epoch, momentum_bounds)
     average = WeightAverage(model, config.ema) if config.ema else None
     early_stopping = EarlyStopping(config.target_accuracy, config.patience)
     state = RunState()
@@ -1017,13 +1056,14 @@ def evaluate_epoch(run, row):
     """Evaluate the finished epoch on the selection split into its row, and judge it for best.pt and early
     stopping; returns (seconds, whether it is the best so far)."""
     use_rank_0s_state(run)
-    evaluation = evaluate(run.evaluated_model, run.selection_loader, run.runtime, run.precision, run.config.tta)
+    views = run.config.test_views
+    evaluation = evaluate(run.evaluated_model, run.selection_loader, run.runtime, run.precision, views)
     if not math.isfinite(evaluation.loss):
         raise NonFiniteLossError(f"the model's {run.selection_split} loss became NaN or infinite after epoch "
                                  f"{row['epoch']}")
     row.update(evaluation_columns(run.selection_split, evaluation))
     if run.average is not None:  # the raw weights beside their average
-        raw = evaluate(unwrap_model(run.model), run.selection_loader, run.runtime, run.precision, run.config.tta)
+        raw = evaluate(unwrap_model(run.model), run.selection_loader, run.runtime, run.precision, views)
         row["raw_top1"] = round(raw.top1, 5)
     state = run.state
     is_best = not run.early_stopping.top1_history or evaluation.top1 > state.best_top1  # the first evaluation, too
@@ -1048,12 +1088,12 @@ def evaluation_columns(split, evaluation):
 
 def test_final_and_best(run):
     """With a validation split: the test set's verdict on the final model and on the best epoch's (best.pt)."""
-    final = evaluate(run.evaluated_model, run.test_loader, run.runtime, run.precision, run.config.tta)
+    final = evaluate(run.evaluated_model, run.test_loader, run.runtime, run.precision, run.config.test_views)
     if run.best_weights is not None:
         best_model = model_with_weights(run.config.model_config, run.best_weights, run.runtime.device)
     else:  # a resumed run whose best epoch came before the resume finds it only in best.pt
         best_model = load_model(run.run_dir.best, run.runtime.device)
-    best = evaluate(best_model, run.test_loader, run.runtime, run.precision, run.config.tta)
+    best = evaluate(best_model, run.test_loader, run.runtime, run.precision, run.config.test_views)
     return final, best
 
 

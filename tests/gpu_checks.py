@@ -34,7 +34,7 @@ def fixed_batches(count, size=64):
 
 def train_on(batches, step, optimizer):
     """One short epoch of `batches` through `step`, with its OneCycle schedule."""
-    scheduler = make_scheduler(optimizer, 0.05, len(batches))
+    scheduler = make_scheduler(optimizer, len(batches))
     step.start_epoch(0)
     for images, labels in batches:
         step(images, labels)
@@ -84,7 +84,7 @@ def check_a_refused_capture_leaves_the_process_as_an_eager_run():
     _, optimizer, step = two_identical_steps(True, syncing_criterion)
     loader = random_loader()
     epochs = 6
-    scheduler = make_scheduler(optimizer, 0.05, epochs * loader.steps_per_epoch)
+    scheduler = make_scheduler(optimizer, epochs * loader.steps_per_epoch)
     reserved = []
     for epoch in range(epochs):  # as train_one_epoch runs them: the next epoch prepared on a side stream
         step.start_epoch(0)

@@ -24,6 +24,7 @@ from run_dir import load_checkpoint, read_metrics
                                                                                   "--ra-magnitude", "31"],
     ["--device", "gpu"], ["--device", "CPU"], ["--device", "cuda:x"], ["--checkpoint-dir", ""], ["--data-dir", " "],
     ["--workers", "100000"], ["--sync-bn"], ["--device", "tpu"], ["--lr", "1e39"], ["--wd", "1e300"],
+    ["--bn-bias-lr-scale", "0"], ["--flip", "never"],
 ])
 def test_bad_flags_exit_2_with_a_message(train_main, capsys, flags):
     with pytest.raises(SystemExit) as exited:
@@ -152,6 +153,16 @@ def test_policy_sam_ema_and_cutmix_together_resume_exactly(train_main, cifar_dir
     assert_same_weights(straight["model"], resumed["model"])
     assert_same_weights(straight["ema"], resumed["ema"])
     assert [row["raw_top1"] for row in straight["history"]] == [row["raw_top1"] for row in resumed["history"]]
+
+
+def test_the_airbench_tricks_together_resume_exactly(train_main, cifar_dir, tmp_path):
+    straight, resumed = straight_and_resumed(train_main, cifar_dir, tmp_path, "--bn-bias-lr-scale", "16", "--flip",
+                                             "alternate", "--tta-crops")
+    assert_same_weights(straight["model"], resumed["model"])
+    assert [group["lr"] for group in straight["optimizer"]["param_groups"]] == \
+        [group["lr"] for group in resumed["optimizer"]["param_groups"]]
+    assert [row["test_loss"] for row in straight["history"]] == [row["test_loss"] for row in resumed["history"]]
+    assert resumed["args"]["flip"] == "alternate" and resumed["args"]["tta_crops"] is True
 
 
 def test_an_ema_run_resumes_exactly_and_load_model_returns_the_average(train_main, cifar_dir, tmp_path):

@@ -229,6 +229,25 @@ def test_epoch_plan_depends_only_on_seed_and_epoch():
     assert not torch.equal(first.order, other_epoch.order)
 
 
+def test_alternating_flip_mirrors_as_airbench_and_leaves_every_other_draw():
+    """The reference scheme (airbench's loader): mirror a random half of the data set once, then mirror the whole
+    set again in every odd epoch. Here the random half is the one epoch 0 draws."""
+    images = random_batch(500, seed=4)
+    alternate = Augmentation(flip="alternate")
+    plans = [plan_epoch(500, 5, 3, epoch, "cpu", alternate) for epoch in range(4)]
+    first_half = torch.empty(500, dtype=torch.bool)
+    first_half[plans[0].order] = plans[0].flip
+    assert 0.4 < first_half.float().mean() < 0.6
+    pre_flipped = horizontal_flip(images, first_half)
+    for epoch, plan in enumerate(plans):
+        reference = pre_flipped.flip(-1) if epoch % 2 else pre_flipped
+        assert torch.equal(horizontal_flip(images[plan.order], plan.flip), reference[plan.order])
+        random_flip = plan_epoch(500, 5, 3, epoch, "cpu")
+        assert torch.equal(plan.order, random_flip.order) and torch.equal(plan.degrees, random_flip.degrees)
+    other_seed = plan_epoch(500, 5, 4, 0, "cpu", alternate)
+    assert not torch.equal(plans[0].flip[plans[0].order.argsort()], other_seed.flip[other_seed.order.argsort()])
+
+
 # ---- loaders ----
 
 

@@ -114,7 +114,9 @@ def test_a_short_real_run_on_the_gpu_writes_checkpoints_that_resume(gpu_data, tm
     (["--min-momentum", 0.85, "--epochs", 2], "eager"),  # a cycled momentum: eager on CUDA
     (["--batch-size", 256, "--epochs", 4], "CUDA graph"),  # 2 steps an epoch: captured in epoch 2
     (["--auto-augment", "ra", "--sam", 0.05, "--asam", "--ema", 0.99, "--cutmix", 1, "--epochs", 3], "CUDA graph"),
-], ids=["compile", "no-cuda-graphs", "min-momentum", "2-step-epochs", "strongest-recipe"])
+    # two lr tensors in the graphed fused step, and six bf16 views an evaluation
+    (["--bn-bias-lr-scale", 8, "--flip", "alternate", "--tta-crops", "--epochs", 2], "CUDA graph"),
+], ids=["compile", "no-cuda-graphs", "min-momentum", "2-step-epochs", "strongest-recipe", "airbench-tricks"])
 def test_each_cuda_path_trains_with_the_step_it_says(gpu_data, tmp_path, flags, step):
     from run_dir import load_checkpoint
     result = tiny_gpu_run(gpu_data, tmp_path / "ckpt", *flags)

@@ -316,3 +316,73 @@ def test_the_progress_bar_starts_after_the_epochs_augmentation_so_its_rate_count
         events.append("progress starts"), real(self, *args))[1])
     train_one_epoch(run, show_progress=False)
     assert events == ["augmented", "progress starts"]  # not a first step that seems to take the whole augmentation
+
+
+def reflected_shift(images, rows, cols):
+    """Each pixel (i, j) taken from (i + rows, j + cols), an index past an edge reflected back inside it."""
+    size = images.shape[-1]
+
+    def reflect(index):
+        return -index if index < 0 else 2 * (size - 1) - index if index >= size else index
+
+    rows_from = torch.tensor([reflect(i + rows) for i in range(size)])
+    cols_from = torch.tensor([reflect(j + cols) for j in range(size)])
+    return images[..., rows_from, :][..., cols_from]
+
+
+def test_crop_views_average_as_airbenchs_test_time_augmentation(cifar_dir):
+    from train_utils import view_logits
+    run = tiny_run(cifar_dir)
+    model = run.model.eval()
+    images = next(iter(run.test_loader))[0]
+
+    def mirrored(batch):
+        return (model(batch) + model(batch.flip(-1))) / 2
+
+    with torch.no_grad():
+        shifted = [mirrored(reflected_shift(images, -1, -1)), mirrored(reflected_shift(images, 1, 1))]
+        reference = 0.5 * mirrored(images) + 0.5 * torch.stack(shifted).mean(0)
+        assert torch.allclose(view_logits(model, images, "crops"), reference, atol=1e-5)
+        assert torch.allclose(view_logits(model, images, "mirror"), mirrored(images), atol=1e-6)
+        assert not torch.allclose(reference, mirrored(images), atol=1e-3)
+
+
+def test_evaluation_scores_the_logits_of_its_views(cifar_dir):
+    from train_utils import view_logits
+    run = tiny_run(cifar_dir)
+    model = run.model.eval()
+    batches = list(run.test_loader)
+    with torch.no_grad():
+        logits = torch.cat([view_logits(model, images, "crops") for images, _ in batches])
+    labels = torch.cat([labels for _, labels in batches])
+    result = evaluate(model, run.test_loader, CPU, "fp32", views="crops")
+    assert result.loss == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert result.top1 == pytest.approx((logits.argmax(1) == labels).float().mean().item())
+
+
+def test_batchnorm_biases_take_the_scaled_lr_and_the_same_decay_per_step(cifar_dir):
+    run = tiny_run(cifar_dir, "--bn-bias-lr-scale", 8, "--wd", 5e-4)
+    others, biases = run.optimizer.param_groups
+    batchnorms = [module for module in run.model.modules() if isinstance(module, torch.nn.BatchNorm2d)]
+    assert [id(p) for p in biases["params"]] == [id(module.bias) for module in batchnorms]
+    assert len(others["params"]) + len(biases["params"]) == len(list(run.model.parameters()))
+    assert biases["weight_decay"] * biases["lr"] == pytest.approx(others["weight_decay"] * others["lr"])
+    for _ in range(2 * run.train_loader.steps_per_epoch):  # the whole OneCycle keeps the ratio
+        assert biases["lr"] == pytest.approx(8 * others["lr"])
+        run.optimizer.step()
+        run.scheduler.step()
+    assert max(biases["max_lr"], others["max_lr"]) == pytest.approx(8 * 0.05)
+
+
+def test_a_batchnorm_bias_moves_by_the_sgd_formula_at_its_scaled_lr(cifar_dir):
+    run = tiny_run(cifar_dir, "--bn-bias-lr-scale", 4, "--wd", 0.05, "--momentum", 0.9)
+    bias = run.optimizer.param_groups[1]["params"][0]
+    with torch.no_grad():
+        bias.normal_()  # away from zero, so the decay shows
+    before = bias.detach().clone()
+    images, labels = next(iter(run.train_loader.batches(0)))
+    run.train_step(images, labels)
+    lr = run.optimizer.param_groups[1]["lr"]  # the step's lr: the schedule has not moved
+    expected = before - lr * (bias.grad + 0.05 / 4 * before)  # the first step: the momentum buffer is the gradient
+    assert torch.allclose(bias.detach(), expected, rtol=0, atol=1e-6)
+    assert lr == pytest.approx(4 * run.optimizer.param_groups[0]["lr"])
