@@ -17,7 +17,7 @@ from run_dir import CheckpointError, atomic_write, load_checkpoint
 from train import parse_args
 from train_utils import (Config, EarlyStopping, NonFiniteLossError, WeightAverage, build_run, capture_rng_state,
                          evaluate, make_criterion, make_train_step, restore_rng_state, snapshot_to_host,
-                         train_one_epoch, uses_cuda_graphs)
+                         train_one_epoch, uses_cuda_graphs, view_logits)
 
 CPU = Runtime(torch.device("cpu"))
 
@@ -331,7 +331,6 @@ def reflected_shift(images, rows, cols):
 
 
 def test_crop_views_average_as_airbenchs_test_time_augmentation(cifar_dir):
-    from train_utils import view_logits
     run = tiny_run(cifar_dir)
     model = run.model.eval()
     images = next(iter(run.test_loader))[0]
@@ -348,7 +347,6 @@ def test_crop_views_average_as_airbenchs_test_time_augmentation(cifar_dir):
 
 
 def test_evaluation_scores_the_logits_of_its_views(cifar_dir):
-    from train_utils import view_logits
     run = tiny_run(cifar_dir)
     model = run.model.eval()
     batches = list(run.test_loader)
