@@ -371,7 +371,8 @@ def run_main(argv):
 def resumed_config(args, explicit, checkpoint, path):
     """The settings of a run going on from `checkpoint`: its own, with the flags given now that may change."""
     check_saved_settings(checkpoint["args"], path)
-    config = Config.from_flags(args).resumed_from(checkpoint["args"], explicit, path)
+    defaults = Config.from_flags(parse_args([])[0])
+    config = Config.from_flags(args).resumed_from(checkpoint["args"], explicit, path, defaults)
     check_model_config(checkpoint, config.model_config, path)
     return config
 

@@ -108,20 +108,23 @@ class Config:
         """The settings in an argparse namespace (which may hold more, such as --resume)."""
         return cls(**{setting.name: getattr(flags, setting.name) for setting in fields(cls)})
 
-    def resumed_from(self, saved, given, path):
-        """These settings (from `given` flags and defaults) merged with a checkpoint's `saved` ones, field by field."""
+    def resumed_from(self, saved, given, path, defaults):
+        """These settings (from `given` flags and defaults) merged with a checkpoint's `saved` ones, field by field.
+        A fixed setting newer than the checkpoint was trained as its flag's default, which kept the behaviour from
+        before the flag: its value in `defaults`, the settings of a run given no flags."""
         merged = {}
         for setting in fields(self):
             name, rule = setting.name, setting.metadata.get("on_resume", "fixed")
-            if name not in saved or rule == "this command's":  # a setting newer than the checkpoint: as given
+            if rule == "this command's" or name not in saved and rule == "may change":
                 merged[name] = getattr(self, name)
                 continue
-            if not fits_type(saved[name], setting.type):
-                raise CheckpointError(f"{path} is damaged: its setting {name} is a {type(saved[name]).__name__}")
-            merged[name] = given.get(name, saved[name]) if rule == "may change" else saved[name]
-            if rule == "fixed" and name in given and given[name] != saved[name]:
+            stored = saved[name] if name in saved else getattr(defaults, name)
+            if not fits_type(stored, setting.type):
+                raise CheckpointError(f"{path} is damaged: its setting {name} is a {type(stored).__name__}")
+            merged[name] = given.get(name, stored) if rule == "may change" else stored
+            if rule == "fixed" and name in given and given[name] != stored:
                 flag = "--" + name.replace("_", "-")
-                raise CheckpointError(f"{path} was trained with {flag} {saved[name]}; refusing {flag} {given[name]} "
+                raise CheckpointError(f"{path} was trained with {flag} {stored}; refusing {flag} {given[name]} "
                                       f"(start a new run in another --checkpoint-dir instead)")
         return replace(self, **merged)
 

@@ -225,6 +225,24 @@ def test_resume_refuses_flags_that_contradict_the_checkpoint(train_main, cifar_d
     assert (tmp_path / "ckpt" / "last.pt").read_bytes() == before
 
 
+def test_a_checkpoint_older_than_a_fixed_flag_resumes_as_that_flags_default(train_main, cifar_dir, tmp_path, capsys):
+    path = tmp_path / "ckpt" / "last.pt"
+    assert train_main(tiny_run_args(cifar_dir, tmp_path / "ckpt", "--epochs", "1")) == 0
+    checkpoint = load_checkpoint(path)
+    del checkpoint["args"]["bn_bias_lr_scale"]  # as written before the flag existed
+    torch.save(checkpoint, path)
+    before = path.read_bytes()
+    capsys.readouterr()
+    assert train_main(tiny_run_args(cifar_dir, tmp_path / "ckpt", "--resume", "--epochs", "2",
+                                    "--bn-bias-lr-scale", "8")) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {path} was trained with --bn-bias-lr-scale 1.0; refusing --bn-bias-lr-scale 8.0 (start a new run "
+        f"in another --checkpoint-dir instead)"]
+    assert path.read_bytes() == before
+    assert train_main(tiny_run_args(cifar_dir, tmp_path / "ckpt", "--resume", "--epochs", "2")) == 0
+    assert load_checkpoint(path)["args"]["bn_bias_lr_scale"] == 1.0
+
+
 def test_resume_may_extend_the_epochs(train_main, cifar_dir, tmp_path):
     assert train_main(tiny_run_args(cifar_dir, tmp_path / "ckpt", "--epochs", "1")) == 0
     assert train_main(["--resume", "--epochs", "3", "--checkpoint-dir", str(tmp_path / "ckpt"),
