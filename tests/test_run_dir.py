@@ -576,7 +576,16 @@ def test_a_folder_holding_a_run_stops_every_torchrun_rank_before_torch_loads(tra
     assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
         f"error: {folder} holds a run (last.pt): continue it with --resume, or start a new run in another "
         f"--checkpoint-dir"]
-    assert result.stderr.count("exitcode  : 1") == 2
+    # The launcher stops the other rank as soon as rank 0 fails, so whether that rank got as far as the check by
+    # itself depends on timing; it is run alone, as torchrun starts it, to see that it stops there in silence.
+    env = {**os.environ, "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    rank_1 = subprocess.run([sys.executable, "-X", "importtime", str(REPO / "train.py"),
+                             *tiny_run_args(cifar_dir, folder, "--epochs", 1)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert rank_1.returncode == 1
+    imported = [line.rsplit("|", 1)[-1].strip() for line in rank_1.stderr.splitlines() if line.startswith("import")]
+    assert "argparse" in imported and "torch" not in imported
+    assert len(imported) == len(rank_1.stderr.splitlines())  # nothing but the import timings: no error line
 
 
 def worker_pids(launcher_pid):
