@@ -133,9 +133,8 @@ def apply_ops(images, op, theta, factor, complement, threshold, level_step):
 def resample(images, theta):
     """Nearest-neighbour resampling by per-image inverse affine maps (pixel units about the centre), black fill."""
     height, width = images.shape[-2:]
-    scale = torch.tensor([0.5 * width, 0.5 * height], device=images.device)
     grid = torch.bmm(pixel_centres(height, width, images.device).expand(len(images), -1, -1),
-                     theta.to(images.device).transpose(1, 2) / scale)
+                     theta.to(images.device).transpose(1, 2) / half_size(height, width, images.device))
     return F.grid_sample(images, grid.view(len(images), height, width, 2), mode="nearest", padding_mode="zeros",
                          align_corners=False)
 
@@ -147,6 +146,13 @@ def pixel_centres(height, width, device):
     ys = torch.linspace((1.0 - height) / 2, (height - 1.0) / 2, height, device=device)
     grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij")[::-1] + (torch.ones(height, width, device=device),), -1)
     return grid.view(1, height * width, 3)
+
+
+@functools.lru_cache
+def half_size(height, width, device):
+    """(x, y) half-extents that scale pixel units to grid_sample's [-1, 1], made once per device: built for every
+    slice, it would be a blocking host-to-device copy inside the epoch's preparation on a side stream."""
+    return torch.tensor([0.5 * width, 0.5 * height], device=device)
 
 
 def grayscale(images):

@@ -5,7 +5,9 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
+import auto_augment
 import dataset_utils
 from auto_augment import grayscale
 from dataset_utils import (ARCHIVE_NAME, CIFAR100_MEAN, CIFAR100_STD, Augmentation, DataConfig, DataError, EvalLoader,
@@ -227,6 +229,51 @@ def test_epoch_plan_depends_only_on_seed_and_epoch():
     other_epoch = plan_epoch(100, 4, 7, 3, "cpu")
     assert torch.equal(first.order, again.order) and torch.equal(first.degrees, again.degrees)
     assert not torch.equal(first.order, other_epoch.order)
+
+
+class HostToDeviceCopies(TorchFunctionMode):
+    """Counts the copies of host data to another device: tensors made there from Python values, and CPU tensors
+    moved or copied there. On CUDA each one from pageable memory blocks the host."""
+
+    MAKERS = (torch.tensor, torch.as_tensor, torch.asarray)
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if func in self.MAKERS:
+            self.count += result.device.type != "cpu"
+        elif func in (torch.Tensor.to, torch.Tensor.cuda):
+            self.count += args[0].device.type == "cpu" and result.device.type != "cpu"
+        elif func is torch.Tensor.copy_:
+            self.count += args[1].device.type == "cpu" and args[0].device.type != "cpu"
+        return result
+
+
+@pytest.mark.parametrize("augmentation", [
+    Augmentation(), Augmentation(policy="ta_wide", cutout=8), Augmentation(policy="ra", mixup=0.2, cutmix=1.0)],
+    ids=["default", "ta_wide", "ra-mixing"])
+def test_preparing_an_epoch_copies_only_its_plan_to_the_device_whatever_its_size(augmentation, monkeypatch):
+    """The epoch's plan goes to the device once; no chunk or policy slice adds a copy of its own. The "meta" device
+    stands in for a GPU: every op runs there, shapes only."""
+    monkeypatch.setattr(auto_augment, "SLICE_IMAGES", 64)
+    monkeypatch.setattr(dataset_utils, "AUGMENT_CHUNK_IMAGES", 128)
+
+    def copies_of_prepare(images):
+        loader = TrainLoader(torch.empty(images, 3, 32, 32, dtype=torch.uint8, device="meta"),
+                             torch.empty(images, dtype=torch.long, device="meta"), 32, augmentation=augmentation)
+        with HostToDeviceCopies() as copies:
+            loader.prepare(0)
+        assert loader.prepared.images.shape == (images, 3, 32, 32)
+        return copies.count
+
+    copies_of_prepare(64)  # constants made once per device
+    plan = plan_epoch(64, 2, 0, 0, "cpu", augmentation, 32)
+    plan_tensors = sum(isinstance(value, torch.Tensor) for part in (plan, plan.mixing, plan.policy) if part is not None
+                       for value in vars(part).values())
+    assert copies_of_prepare(256) == copies_of_prepare(1024) == plan_tensors
 
 
 def test_alternating_flip_mirrors_as_airbench_and_leaves_every_other_draw():
