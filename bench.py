@@ -7,8 +7,9 @@
 Each configuration builds the model, the TrainLoader and the training step exactly as train.py
 does (on CUDA the step is replayed as a CUDA graph unless --no-cuda-graphs), on random uint8
 data held on the device (never zeros, which can run faster than real data). It prints the
-set-up time, the first epoch (cudnn tuning and graph capture included) and the capture alone,
-then min / median / max over --repeats of the steady epoch (consecutive epochs, so on CUDA each
+set-up time, the first epoch (its augmentation, the first step and the graph capture included),
+the first step alone (cudnn's choice of algorithms; compilation with --compile), the capture
+alone, then min / median / max over --repeats of the steady epoch (consecutive epochs, so on CUDA each
 one's augmentation runs beside the one before, as in train.py), the bare step on one fixed batch
 (the ceiling), augmentation of an epoch alone and the test pass. A row whose spread exceeds 10 % of its
 median is flagged: the machine was busy, so compare it with care.
@@ -113,12 +114,14 @@ def bench_one(name, batch_size, precision, args, device):
     epoch_seconds = time_runs(device, epoch, args.repeats)
     step_seconds = time_runs(device, bare_steps, args.repeats)
     augment_seconds = time_runs(device, lambda: loader.augment_epoch(plan), args.repeats)
-    test_seconds = time_runs(device, lambda: evaluate(run.model, test_loader, runtime, run.precision), args.repeats)
+    test_seconds = time_runs(device, lambda: evaluate(run.evaluated_model, test_loader, runtime, run.precision),
+                             args.repeats)  # train.py's evaluation: the plain module, never the compiled one
     epoch_images = loader.steps_per_epoch * batch_size
     return {"model": name, "precision": run.precision, "batch": batch_size,
             "step": run.train_step.kind + (f", SAM {args.sam}" if args.sam else ""),
             "augmentation": args.auto_augment or "crop, flip, rotate, jitter",
-            "setup_s": setup_seconds, "first_epoch_s": first_epoch_seconds, "capture_s": run.train_step.setup_seconds,
+            "setup_s": setup_seconds, "first_epoch_s": first_epoch_seconds,
+            "first_step_s": run.train_step.first_step_seconds, "capture_s": run.train_step.capture_seconds,
             "epoch_s": spread(epoch_seconds), "epoch_img_s": epoch_images / statistics.median(epoch_seconds),
             "step_img_s": args.steps * batch_size / statistics.median(step_seconds),
             "augment_img_s": epoch_images / statistics.median(augment_seconds), "test_s": spread(test_seconds),
@@ -141,7 +144,7 @@ def noisy(seconds):
     return (high - low) > NOISY_SPREAD * median
 
 
-HEADER = ("| model | precision | batch | step | augmentation | set-up s | first epoch s (capture s) | "
+HEADER = ("| model | precision | batch | step | augmentation | set-up s | first epoch s | first step s | capture s | "
           "epoch s min / median / max | epoch img/s | step img/s (ceiling) | epoch/ceiling | augmentation img/s | "
           "test pass s min / median / max |")
 
@@ -150,7 +153,8 @@ def format_row(row):
     epoch, test = row["epoch_s"], row["test_s"]
     return (f"| {row['model']} | {row['precision']} | {row['batch']} | {row['step']} | {row['augmentation']} | "
             f"{row['setup_s']:.1f} | "
-            f"{row['first_epoch_s']:.2f} ({row['capture_s']:.2f}) | {epoch[0]:.3f} / {epoch[1]:.3f} / {epoch[2]:.3f} | "
+            f"{row['first_epoch_s']:.2f} | {row['first_step_s']:.2f} | {row['capture_s']:.2f} | "
+            f"{epoch[0]:.3f} / {epoch[1]:.3f} / {epoch[2]:.3f} | "
             f"{row['epoch_img_s']:,.0f} | {row['step_img_s']:,.0f} | {row['epoch_img_s'] / row['step_img_s']:.2f} | "
             f"{row['augment_img_s']:,.0f} | {test[0]:.3f} / {test[1]:.3f} / {test[2]:.3f} |"
             + (" spread > 10 %: busy machine?" if row["noisy"] else ""))

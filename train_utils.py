@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 import typing
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
@@ -196,6 +197,19 @@ class EarlyStopping:
 # ---- optimisation ----
 
 
+# The first torch whose SGD has the fused kernel, which reads the lr from a device tensor: the graphed step needs it.
+FUSED_SGD_TORCH = (2, 3)
+
+
+def torch_release():
+    """(major, minor) of the torch in use."""
+    return tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def fused_sgd_available(device):
+    return device.type == "cuda" and torch_release() >= FUSED_SGD_TORCH
+
+
 def make_optimizer(model, lr, momentum=0.9, weight_decay=5e-4, nesterov=False, bn_bias_lr_scale=1.0):
     """SGD; on CUDA the fused kernel (one launch for every parameter, and it takes the lr as a device tensor).
 
@@ -203,7 +217,7 @@ def make_optimizer(model, lr, momentum=0.9, weight_decay=5e-4, nesterov=False, b
     weight decay, so that their decay per step stays the others' (airbench's bias scaler). The first group holds
     every other parameter; each group's lr is its peak.
     """
-    fused = next(model.parameters()).device.type == "cuda"
+    fused = {"fused": True} if fused_sgd_available(next(model.parameters()).device) else {}  # older SGDs lack the flag
     groups = [{"params": list(model.parameters())}]
     if bn_bias_lr_scale != 1:
         biases = [module.bias for module in model.modules()
@@ -211,8 +225,7 @@ def make_optimizer(model, lr, momentum=0.9, weight_decay=5e-4, nesterov=False, b
         scaled = {id(bias) for bias in biases}
         groups = [{"params": [p for p in model.parameters() if id(p) not in scaled]},
                   {"params": biases, "lr": lr * bn_bias_lr_scale, "weight_decay": weight_decay / bn_bias_lr_scale}]
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
-                           fused=fused or None)
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, **fused)
 
 
 def make_scheduler(optimizer, total_steps, momentum_bounds=None):
@@ -450,9 +463,15 @@ class TrainStep:
         self.model, self.optimizer, self.criterion = model, optimizer, criterion
         self.device, self.precision, self.average, self.sharpness = device, precision, average, sharpness
         self.sums = torch.zeros(4, device=device)
-        self.setup_seconds = 0.0  # the process's first step and the graph capture: start-up, not training
+        self.first_step_seconds = 0.0  # the process's first step: cudnn's choice of algorithms, compilation
+        self.capture_seconds = 0.0  # the CUDA graph's capture
         self.first_step_at = None  # time.time() when the process's first step had finished
         self.last_lr = None  # the lr of the last step of the last full epoch
+
+    @property
+    def setup_seconds(self):
+        """Start-up work done inside the first epoch, left out of epoch times and img/s."""
+        return self.first_step_seconds + self.capture_seconds
 
     def start_epoch(self, start_step, totals=None):
         loss_sum, correct = (totals["loss_sum"], totals["correct"]) if totals else (0.0, 0.0)
@@ -496,10 +515,11 @@ class GraphedTrainStep(TrainStep):
     """The same step replayed as one CUDA graph: one launch instead of about 300 per batch.
 
     The first WARMUP_STEPS batches train eagerly on a side stream (cudnn picks its algorithms,
-    the optimizer makes its momentum buffers); the next batch is captured, and every batch
-    after it is copied into the graph's static inputs and replayed. The lr lives in a device
-    tensor that the scheduler fills between replays. If capture fails, the step says so in
-    one line and stays eager.
+    the optimizer makes its momentum buffers); the last of them also tells whether the step
+    waits for the host anywhere, which a capture would refuse. Then the next batch is captured,
+    and every batch after it is copied into the graph's static inputs and replayed. The lr lives
+    in a device tensor that the scheduler fills between replays. If the step cannot be captured,
+    it says why in one line and stays eager.
     """
 
     WARMUP_STEPS = 3
@@ -509,8 +529,12 @@ class GraphedTrainStep(TrainStep):
         super().__init__(model, optimizer, criterion, device, precision, average, sharpness)
         for group in optimizer.param_groups:
             group["lr"] = torch.tensor(float(group["lr"]), device=device)
-        self.graph, self.eager_steps, self.failed = None, 0, False
+        self.graph, self.eager_steps, self.refusal, self.host_waits = None, 0, None, []
         self.static_images = self.static_labels = None
+
+    @property
+    def failed(self):
+        return self.refusal is not None
 
     def __call__(self, images, labels):
         if self.graph is None and not self.failed and self.eager_steps >= self.WARMUP_STEPS:
@@ -524,15 +548,21 @@ class GraphedTrainStep(TrainStep):
         self.graph.replay()
 
     def forward_backward_update_on_side_stream(self, images, labels):
-        if self.eager_steps > self.WARMUP_STEPS:  # after a failed capture: plain eager steps
+        if self.eager_steps > self.WARMUP_STEPS:  # no graph to come: plain eager steps
             return self.forward_backward_update(images, labels)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            self.forward_backward_update(images, labels)
+            if self.eager_steps == self.WARMUP_STEPS:
+                self.host_waits = host_waits_of(lambda: self.forward_backward_update(images, labels))
+            else:
+                self.forward_backward_update(images, labels)
         torch.cuda.current_stream(self.device).wait_stream(side)
 
     def capture(self, images, labels):
+        if self.host_waits:  # a capture would be refused: none is begun, so nothing of one is left behind
+            return self.refuse("the step waits for the host, which a CUDA graph cannot capture",
+                               self.host_waits[0])
         started = time.perf_counter()
         self.static_images, self.static_labels = images.clone(), labels.clone()
         try:
@@ -541,46 +571,69 @@ class GraphedTrainStep(TrainStep):
             self.graph = capture_graph(lambda: self.forward_backward_update(self.static_images, self.static_labels),
                                        self.device)
         except Exception as err:  # capture refuses some ops; eager still trains correctly
-            self.failed = True
             torch.cuda.synchronize(self.device)
-            print(f"note: CUDA graph capture failed ({describe_error(err)}); training eagerly instead",
-                  file=sys.stderr, flush=True)
-        self.setup_seconds += time.perf_counter() - started
+            self.refuse("the CUDA graph capture failed", describe_error(err))
+        self.capture_seconds = time.perf_counter() - started
+
+    def refuse(self, reason, cause):
+        self.refusal = reason
+        print(f"note: {reason} ({cause}); training eagerly instead", file=sys.stderr, flush=True)
 
     @property
     def kind(self):
         if self.graph is not None:
             return "CUDA graph"
-        return "eager (the CUDA graph capture failed)" if self.failed else "eager (no CUDA graph captured yet)"
+        return f"eager ({self.refusal})" if self.failed else "eager (no CUDA graph captured yet)"
+
+
+def host_waits_of(work):
+    """Run `work()` and return what CUDA's sync debug mode said of each wait for the host in it. Warned, not raised:
+    an error would stop the step halfway through its update."""
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            work()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return [str(warning.message).splitlines()[0] for warning in caught
+            if "synchronizing CUDA operation" in str(warning.message)]
 
 
 def capture_graph(work, device):
-    """`work()` captured as a CUDA graph on a side stream. If the capture fails, the process is left as an eager
-    run would be: `torch.cuda.graph` would leave the capture stream current when its capture cannot end."""
-    graph = torch.cuda.CUDAGraph()
+    """`work()` captured as a CUDA graph on a side stream, into a memory pool of its own. If the capture fails, the
+    process is left as an eager run would be: `torch.cuda.graph` would leave the capture stream current when its
+    capture cannot end, and the pool allocating."""
+    graph, pool = torch.cuda.CUDAGraph(), torch.cuda.graph_pool_handle()
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
-        graph.capture_begin()
+        graph.capture_begin(pool=pool)
         try:
             work()
             graph.capture_end()
         except BaseException:
-            abandon_capture(graph, device)
+            abandon_capture(graph, pool, device.index if device.index is not None else torch.cuda.current_device())
             raise
     torch.cuda.current_stream(device).wait_stream(side)
     return graph
 
 
-def abandon_capture(graph, device):
-    """End a failed capture and stop its memory pool from taking allocations. Where capture_end raises before
-    releasing the pool, the allocator would hold back every later free of a tensor used on two streams (each
-    prepared epoch's buffer) for as long as the process lives."""
+def abandon_capture(graph, pool, device_index):
+    """End a failed capture and give its memory pool back. Where capture_end raises before it ends the allocation to
+    the pool, the allocator counts a capture as under way for as long as the process lives: it holds back every later
+    free of a tensor used on two streams (each prepared epoch's buffer), and empty_cache() fails an assert."""
     if torch.cuda.is_current_stream_capturing():
-        with contextlib.suppress(RuntimeError):
+        try:
             graph.capture_end()
-    with contextlib.suppress(RuntimeError):  # raises where capture_end released the pool already
-        torch._C._cuda_endAllocateToPool(device.index, graph.pool())
+            return  # the graph holds its pool now, and gives it back when it goes
+        except RuntimeError:
+            pass
+    with contextlib.suppress(RuntimeError):  # raises where the capture ended the allocation to the pool already
+        torch._C._cuda_endAllocateToPool(device_index, pool)
+    with contextlib.suppress(RuntimeError):  # the cause of the failure is the error worth reporting
+        torch._C._cuda_releasePool(device_index, pool)
 
 
 def describe_error(err):
@@ -590,7 +643,13 @@ def describe_error(err):
 def uses_cuda_graphs(runtime, cuda_graphs=True):
     """Graphs on a single CUDA process unless turned off. Under torchrun the step stays eager:
     DistributedDataParallel's gradient hooks and collectives are not captured here."""
-    return cuda_graphs and runtime.device.type == "cuda" and not runtime.distributed
+    if not (cuda_graphs and runtime.device.type == "cuda" and not runtime.distributed):
+        return False
+    if not fused_sgd_available(runtime.device):
+        print(f"note: CUDA graphs need torch {'.'.join(map(str, FUSED_SGD_TORCH))} or newer, whose fused SGD reads the "
+              f"lr from the GPU; torch {torch.__version__} trains eagerly", file=sys.stderr)
+        return False
+    return True
 
 
 def make_train_step(model, optimizer, criterion, runtime, precision, cuda_graphs=True, average=None, sharpness=None):
@@ -654,7 +713,7 @@ def train_one_epoch(run, show_progress=None):
         if train_step.first_step_at is None:  # cudnn's tuning, and compilation with --compile: start-up, not training
             synchronize(runtime.device)
             train_step.first_step_at = time.time()
-            train_step.setup_seconds += time.perf_counter() - step_started
+            train_step.first_step_seconds = time.perf_counter() - step_started
         images_done += len(labels)
         progress.step_done()
         interrupted_here = interrupt.requested and not runtime.distributed

@@ -72,21 +72,23 @@ def random_loader(count=8192, batch_size=256, augmentation=Augmentation()):
     return TrainLoader(images, labels, batch_size, seed=1, dtype=torch.bfloat16, augmentation=augmentation)
 
 
-def check_a_refused_capture_leaves_the_process_as_an_eager_run():
-    plain = make_criterion()
-
-    def syncing_criterion(logits, labels):
-        loss = plain(logits, labels)
-        if torch.cuda.is_current_stream_capturing():
-            loss.item()  # a host sync: capture refuses it
+def syncing(criterion, only_while_capturing):
+    """`criterion` with a host sync (`.item()`) in it, always or only while a graph is being captured."""
+    def with_a_host_sync(logits, labels):
+        loss = criterion(logits, labels)
+        if torch.cuda.is_current_stream_capturing() or not only_while_capturing:
+            loss.item()
         return loss
+    return with_a_host_sync
 
-    _, optimizer, step = two_identical_steps(True, syncing_criterion)
+
+def six_epochs_beside_their_preparation(step, optimizer):
+    """Six epochs as train_one_epoch runs them, the next one prepared on a side stream; memory reserved after each."""
     loader = random_loader()
     epochs = 6
     scheduler = make_scheduler(optimizer, epochs * loader.steps_per_epoch)
     reserved = []
-    for epoch in range(epochs):  # as train_one_epoch runs them: the next epoch prepared on a side stream
+    for epoch in range(epochs):
         step.start_epoch(0)
         for index, (images, labels) in enumerate(loader.batches(epoch)):
             step(images, labels)
@@ -95,11 +97,26 @@ def check_a_refused_capture_leaves_the_process_as_an_eager_run():
                 loader.prepare(epoch + 1)
         torch.cuda.synchronize()
         reserved.append(torch.cuda.memory_reserved())
-    assert step.graph is None and step.failed and step.kind == "eager (the CUDA graph capture failed)"
     assert torch.cuda.current_stream() == torch.cuda.default_stream()  # not the capture's stream
     assert step.sums[2].item() == loader.steps_per_epoch and torch.isfinite(step.sums[0])
     print(f"memory reserved after each epoch: {[f'{value / 2**20:.0f} MiB' for value in reserved]}")
     assert reserved[-1] - reserved[2] < 2**20 * 16  # a prepared epoch's buffer is 48 MiB: none is held back
+    torch.cuda.empty_cache()  # asserts inside the allocator if a capture is still counted as under way
+    assert torch.cuda.memory_reserved() < reserved[-1]
+
+
+def check_a_refused_capture_leaves_the_process_as_an_eager_run():
+    """The device index left to the current GPU (torch.device("cuda")), as a notebook would leave it."""
+    _, optimizer, step = two_identical_steps(True, syncing(make_criterion(), only_while_capturing=True))
+    six_epochs_beside_their_preparation(step, optimizer)
+    assert step.graph is None and step.failed and step.kind == "eager (the CUDA graph capture failed)"
+
+
+def check_a_step_that_waits_for_the_host_is_never_captured():
+    _, optimizer, step = two_identical_steps(True, syncing(make_criterion(), only_while_capturing=False))
+    six_epochs_beside_their_preparation(step, optimizer)
+    assert step.graph is None and step.capture_seconds == 0.0  # no capture was begun
+    assert step.kind == "eager (the step waits for the host, which a CUDA graph cannot capture)"
 
 
 def gpu_run(*flags, count=2048):

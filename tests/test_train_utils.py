@@ -1,3 +1,4 @@
+import contextlib
 import errno
 import os
 import random
@@ -201,6 +202,18 @@ def test_cuda_graphs_only_for_one_cuda_process_and_only_when_wanted():
     assert not uses_cuda_graphs(CPU) and not uses_cuda_graphs(Runtime(torch.device("mps")))
 
 
+@pytest.mark.parametrize("version, graphs", [("2.2.2+cu121", False), ("2.3.0", True), ("2.11.0+cu130", True),
+                                             ("10.0.0a0", True)])
+def test_cuda_graphs_are_refused_in_one_line_below_the_first_torch_with_fused_sgd(monkeypatch, capsys, version,
+                                                                                  graphs):
+    monkeypatch.setattr(torch, "__version__", version)
+    assert uses_cuda_graphs(Runtime(torch.device("cuda"))) == graphs
+    assert train_utils.fused_sgd_available(torch.device("cuda")) == graphs
+    note = capsys.readouterr().err
+    assert note == ("" if graphs else f"note: CUDA graphs need torch 2.3 or newer, whose fused SGD reads the lr from "
+                                      f"the GPU; torch {version} trains eagerly\n")
+
+
 def test_a_snapshot_keeps_the_values_of_the_moment_it_was_taken(cifar_dir):
     run = tiny_run(cifar_dir)
     snapshot = snapshot_to_host({"model": run.model.state_dict(), "nested": [run.optimizer.state_dict()]})
@@ -241,6 +254,47 @@ def test_a_single_process_on_cuda_n_makes_gpu_n_its_current_device(monkeypatch):
     assert setup_runtime("cuda:1").device == torch.device("cuda", 1)
     assert setup_runtime("cuda").device == torch.device("cuda", 0)
     assert made_current == [torch.device("cuda", 1), torch.device("cuda", 0)]
+
+
+class RecordedCapture:
+    """torch.cuda's capture calls, recorded: a CPU stand-in for a GPU whose capture ends as `capture_end` does."""
+
+    def __init__(self, monkeypatch, capture_end, capturing):
+        self.calls = []
+        graph = type("Graph", (), {"capture_begin": lambda _, pool: self.calls.append(("begin", pool)),
+                                   "capture_end": lambda _: capture_end()})
+        stream = type("Stream", (), {"__init__": lambda *_: None, "wait_stream": lambda *_: None})
+        for name, value in {"CUDAGraph": graph, "graph_pool_handle": lambda: (7, 1), "Stream": stream,
+                            "current_stream": lambda _: stream(), "stream": lambda _: contextlib.nullcontext(),
+                            "is_current_stream_capturing": lambda: capturing, "current_device": lambda: 3}.items():
+            monkeypatch.setattr(torch.cuda, name, value)
+        for name in ("_cuda_endAllocateToPool", "_cuda_releasePool"):
+            monkeypatch.setattr(torch._C, name, lambda device, pool, name=name: self.calls.append((name, device, pool)),
+                                raising=False)
+
+
+def test_a_refused_capture_ends_the_allocation_to_its_own_pool_and_gives_the_pool_back(monkeypatch):
+    """capture_end raises before it ends the allocation to the pool where the driver invalidated the capture (a host
+    sync): unless that is undone, the allocator counts a capture as under way for the rest of the process."""
+    def invalidated():
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    capture = RecordedCapture(monkeypatch, invalidated, capturing=False)
+    with pytest.raises(RuntimeError, match="not permitted"):  # the cause, not an error of the clean-up
+        train_utils.capture_graph(lambda: None, torch.device("cuda"))
+    assert capture.calls == [("begin", (7, 1)), ("_cuda_endAllocateToPool", 3, (7, 1)),  # the current GPU's
+                             ("_cuda_releasePool", 3, (7, 1))]
+
+
+def test_a_capture_that_ends_after_an_error_in_its_work_leaves_the_pool_to_its_graph(monkeypatch):
+    capture = RecordedCapture(monkeypatch, lambda: capture.calls.append(("end",)), capturing=True)
+
+    def work():
+        raise ValueError("a Python error while capturing")
+
+    with pytest.raises(ValueError, match="a Python error"):
+        train_utils.capture_graph(work, torch.device("cuda", 1))
+    assert capture.calls == [("begin", (7, 1)), ("end",)]  # the ended graph gives its pool back when it goes
 
 
 def reference_sam_step(model, optimizer, images, labels, rho, adaptive):
