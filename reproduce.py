@@ -3,14 +3,19 @@
     python reproduce.py fast                  # --preset fast for seeds 0, 1 and 2
     python reproduce.py default               # the default 100-epoch ResNet18 run
     python reproduce.py speed                 # bench.py's rows
-    python reproduce.py fast --runs seed0     # one run of a table
+    python reproduce.py fast --runs seed0     # some runs of a table; another command may do the others
     python reproduce.py fast -- --data-dir /data --no-download   # flags added to every run of the table
+    python reproduce.py check                 # this machine's torch and GPU, and the GPU tests, in one report
 
 Each run's printed output and metrics.csv go to results/<table>/<run>/, its checkpoints to
 runs/<table>/<run>/, and the table, with the device, the torch version and the date, to
-results/<table>/table.md as well as the screen. Wall time is the whole process, start to exit.
+results/<table>/table.md as well as the screen. The table holds every run of it in results/,
+so a table split over several commands (each with its own --runs) comes out whole. A rerun
+keeps the earlier results until it has succeeded, then replaces them. Wall time is the whole
+process, start to exit.
 """
 import datetime
+import json
 import re
 import shutil
 import statistics
@@ -84,13 +89,16 @@ TABLES = {
 }
 
 
+CHECK = "check"
+
+
 class ReproduceError(RuntimeError):
     """A table cannot be run as asked."""
 
 
 def parse_args(argv=None):
     parser = Parser(__doc__.splitlines()[0] + " Flags after -- are added to every run's command.")
-    parser.add_argument("table", choices=sorted(TABLES))
+    parser.add_argument("table", choices=[*sorted(TABLES), CHECK])
     parser.add_argument("--runs", help="comma-separated names of the runs to do (default: every run of the table)")
     parser.add_argument("--results", default="results", help="where each run's output and metrics.csv go")
     parser.add_argument("--work", default="runs", help="where each run's checkpoints go")
@@ -98,6 +106,10 @@ def parse_args(argv=None):
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = parser.parse_args(argv[:len(argv) - len(extra) - ("--" in argv)])
     args.extra = extra  # flags for the runs: after --, added to every run's command
+    if args.table == CHECK:
+        if args.runs or extra:
+            parser.error("check takes neither --runs nor flags after --")
+        return args
     names = [run.name for run in TABLES[args.table]]
     wanted = args.runs.split(",") if args.runs else names
     unknown = sorted(set(wanted) - set(names))
@@ -124,16 +136,18 @@ def run_and_log(command, log_path):
     return code, time.perf_counter() - started
 
 
-def whole_run_row(run, command, code, wall_seconds, folder):
-    """A row of the whole-run table from the run's printed output and metrics.csv: the final model's top-1 on the
-    validation split for a run that has one (its test figure stays in its log), else on the test set."""
+def whole_run_row(run, folder):
+    """A row of the whole-run table from the run's record, printed output and metrics.csv: the final model's top-1
+    on the validation split for a run that has one (its test figure stays in its log), else on the test set."""
+    record = json.loads((folder / "run.json").read_text())
+    command, code = record["command"], record["exit_code"]
     output = (folder / "output.txt").read_text()
     first_step = re.search(r"first training step done ([\d.]+)s after start", output)
     rows = read_metrics(folder / "metrics.csv") if (folder / "metrics.csv").is_file() else []
     split = "val" if "--val-size" in command else "test"
     top1 = 100 * float(rows[-1][f"{split}_top1"]) if rows and rows[-1].get(f"{split}_top1") else None
     epoch_seconds = [float(row["epoch_seconds"]) for row in rows]
-    cells = [run.name, f"`python {' '.join(command)}`", str(len(rows)), f"{wall_seconds:.1f}",
+    cells = [run.name, f"`python {' '.join(command)}`", str(len(rows)), f"{record['wall_seconds']:.1f}",
              first_step.group(1) if first_step else "–",
              f"{statistics.median(epoch_seconds):.2f}" if epoch_seconds else "–",
              f"{split} {top1:.2f} %" if top1 is not None else "–"]
@@ -146,8 +160,9 @@ WHOLE_RUN_HEADER = ("| run | command | epochs | wall s | first step s | epoch s 
                     "|---|---|---|---|---|---|---|")
 
 
-def bench_rows(folder, code):
+def bench_rows(folder):
     """bench.py's own table rows (header once) from its printed output."""
+    code = json.loads((folder / "run.json").read_text())["exit_code"]
     lines = [line for line in (folder / "output.txt").read_text().splitlines() if line.startswith("|")]
     return lines if code == 0 else lines + [f"| failed (exit {code}) |"]
 
@@ -167,37 +182,106 @@ def reproduce(args):
     taken = [str(work / run.name) for run in args.runs if is_whole_run(run) and (work / run.name).exists()]
     if taken:
         raise ReproduceError(f"{', '.join(taken)} already exist: move them away, or pass another --work folder")
-    lines, failed = [], False
+    failed = False
     for run in args.runs:
-        folder = results / run.name
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        command = [*run.command, *args.extra]
-        print(f"== {args.table}/{run.name}: python {' '.join(command)}", flush=True)
-        where = ["--checkpoint-dir", str(work / run.name)] if is_whole_run(run) else []
-        code, wall_seconds = run_and_log(command + where, folder / "output.txt")
-        failed |= code != 0
-        if is_whole_run(run):
-            if (work / run.name / "metrics.csv").is_file():
-                shutil.copy(work / run.name / "metrics.csv", folder / "metrics.csv")
-            lines.append(whole_run_row(run, command, code, wall_seconds, folder))
-        else:
-            lines += [line for line in bench_rows(folder, code) if line not in lines]
-    if is_whole_run(TABLES[args.table][0]):
-        lines = [WHOLE_RUN_HEADER, *lines]
+        failed |= run_into(run, args.extra, results, work) != 0
+    lines = table_lines(args.table, results)
     table = "\n".join([f"{args.table}: {describe_device()}, {datetime.date.today().isoformat()}", "", *lines])
-    (results / "table.md").write_text(table + "\n")
+    write_whole(results / "table.md", table + "\n")
     print("\n" + table)
     return 1 if failed else 0
+
+
+def run_into(run, extra, results, work):
+    """One run, its output and record written to a folder of their own, which takes the place of the run's earlier
+    results once it has succeeded (a failed rerun goes beside them, as <run>.failed); returns its exit code."""
+    partial = results / f".{run.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)  # only ever what an interrupted call of this program left
+    partial.mkdir(parents=True)
+    command = [*run.command, *extra]
+    print(f"== {results.name}/{run.name}: python {' '.join(command)}", flush=True)
+    where = ["--checkpoint-dir", str(work / run.name)] if is_whole_run(run) else []
+    try:
+        code, wall_seconds = run_and_log(command + where, partial / "output.txt")
+    except KeyboardInterrupt:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if is_whole_run(run) and (work / run.name / "metrics.csv").is_file():
+        shutil.copy(work / run.name / "metrics.csv", partial / "metrics.csv")
+    (partial / "run.json").write_text(json.dumps({"command": command, "exit_code": code,
+                                                  "wall_seconds": wall_seconds}) + "\n")
+    earlier = results / run.name
+    if code == 0 or not earlier.exists():
+        replace_folder(partial, earlier)
+    else:
+        replace_folder(partial, results / f"{run.name}.failed")
+        print(f"{results.name}/{run.name} failed (exit {code}): its earlier results are kept, this run's output is in "
+              f"{results / (run.name + '.failed')}", flush=True)
+    return code
+
+
+def replace_folder(new, old):
+    """Put folder `new` where `old` is: the old one is moved aside before, and removed only after."""
+    aside = old.with_name(f".{old.name}.replaced")
+    shutil.rmtree(aside, ignore_errors=True)
+    if old.exists():
+        old.rename(aside)
+    new.rename(old)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def table_lines(table, results):
+    """The rows of every run of `table` that has results, in the table's order."""
+    done = [run for run in TABLES[table] if (results / run.name / "run.json").is_file()]
+    if is_whole_run(TABLES[table][0]):
+        return [WHOLE_RUN_HEADER, *(whole_run_row(run, results / run.name) for run in done)]
+    lines = []
+    for run in done:
+        lines += [line for line in bench_rows(results / run.name) if line not in lines]
+    return lines
+
+
+def write_whole(path, text):
+    temporary = path.with_name(path.name + ".partial")
+    temporary.write_text(text)
+    temporary.replace(path)
+
+
+def check(args):
+    """This machine's torch and GPU, then every case of the GPU tests, in one report file; the exit code is
+    pytest's (0 also where no GPU is there and every case was skipped)."""
+    device = describe_device()
+    folder = Path(args.results) / CHECK
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"check: {device}", flush=True)
+    output = folder / ".pytest.partial"
+    code, seconds = run_and_log(["-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "tests/test_gpu.py"], output)
+    log = output.read_text()
+    output.unlink()
+    gpu = not re.search(r"^\d+ skipped in ", log.strip().splitlines()[-1] if log.strip() else "")
+    verdict = ("the GPU tests " + ("passed" if code == 0 else f"failed (pytest exit {code})") if gpu else
+               "no CUDA GPU here (or CI is set): every GPU test was skipped")
+    report = folder / "report.md"
+    write_whole(report, f"check: {device}, {datetime.date.today().isoformat()}\n\n{verdict}, {seconds:.0f} s\n\n"
+                        f"    python -m pytest -q -rA tests/test_gpu.py\n\n" + "".join(f"    {line}\n" for line in
+                                                                                  log.splitlines()))
+    print(f"\n{verdict}; the report is {report}")
+    return code
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        return reproduce(args)
+        return check(args) if args.table == CHECK else reproduce(args)
     except ReproduceError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: the earlier results are kept as they were", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -197,8 +197,9 @@ class EarlyStopping:
 # ---- optimisation ----
 
 
-# The first torch whose SGD has the fused kernel, which reads the lr from a device tensor: the graphed step needs it.
-FUSED_SGD_TORCH = (2, 3)
+# The first torch whose fused SGD reads the lr from a device tensor and whose schedules fill that tensor in place
+# (2.3 has the kernel, but its schedules put a number in the tensor's place): the graphed step needs both.
+GRAPHED_SGD_TORCH = (2, 4)
 
 
 def torch_release():
@@ -207,7 +208,7 @@ def torch_release():
 
 
 def fused_sgd_available(device):
-    return device.type == "cuda" and torch_release() >= FUSED_SGD_TORCH
+    return device.type == "cuda" and torch_release() >= GRAPHED_SGD_TORCH
 
 
 def make_optimizer(model, lr, momentum=0.9, weight_decay=5e-4, nesterov=False, bn_bias_lr_scale=1.0):
@@ -646,8 +647,8 @@ def uses_cuda_graphs(runtime, cuda_graphs=True):
     if not (cuda_graphs and runtime.device.type == "cuda" and not runtime.distributed):
         return False
     if not fused_sgd_available(runtime.device):
-        print(f"note: CUDA graphs need torch {'.'.join(map(str, FUSED_SGD_TORCH))} or newer, whose fused SGD reads the "
-              f"lr from the GPU; torch {torch.__version__} trains eagerly", file=sys.stderr)
+        print(f"note: CUDA graphs need torch {'.'.join(map(str, GRAPHED_SGD_TORCH))} or newer, whose fused SGD and "
+              f"schedule keep the lr on the GPU; torch {torch.__version__} trains eagerly", file=sys.stderr)
         return False
     return True
 

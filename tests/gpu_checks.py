@@ -148,6 +148,48 @@ def check_eager_steps_beside_the_next_epochs_preparation_train_as_on_demand():
     assert apart <= 1e-3 * moved  # reading a half-written epoch would put them far apart
 
 
+def check_preparing_an_epoch_never_waits_for_the_host():
+    """Every policy, with Cutout and mixing, prepared on the side stream with any host sync an error."""
+    for policy in (None, "ta_wide", "ra"):
+        loader = random_loader(augmentation=Augmentation(cutout=8, mixup=0.2, cutmix=1.0, policy=policy))
+        loader.prepare(0)  # constants made once per device, and the side stream: the set-up, not an epoch's work
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loader.prepare(1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert next(loader.batches(1))[0].isfinite().all()
+
+
+def check_the_captured_lr_follows_the_schedule():
+    """fp32 and cudnn's deterministic kernels, so that replays and eager steps agree closely: a graph that kept the
+    lr it was captured with would leave the weights far apart over a OneCycle ramp."""
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    batches = [(images.float(), labels) for images, labels in fixed_batches(16)]
+    weights, lrs = [], []
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        model = build_model("wideresnet", depth=10, widen_factor=1).cuda().to(memory_format=torch.channels_last)
+        optimizer = make_optimizer(model, lr=0.2, nesterov=True)
+        step = make_train_step(model, optimizer, make_criterion(), Runtime(torch.device("cuda")), "fp32",
+                               cuda_graphs=graphed)
+        scheduler = make_scheduler(optimizer, len(batches))
+        step.start_epoch(0)
+        for images, labels in batches:
+            lrs.append(float(optimizer.param_groups[0]["lr"]))
+            step(images, labels)
+            scheduler.step()
+        torch.cuda.synchronize()
+        assert graphed == (step.graph is not None), "the graph was not captured"
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    eager_lrs, graphed_lrs = lrs[:len(batches)], lrs[len(batches):]
+    assert graphed_lrs == pytest.approx(eager_lrs) and len(set(graphed_lrs)) == len(batches)  # it moved every step
+    apart = (weights[0] - weights[1]).norm() / weights[0].norm()
+    print(f"graph and eager weights differ by {apart:.3g} of their norm")
+    assert apart < 1e-4
+
+
 def check_an_epoch_prepared_on_a_side_stream_matches_one_made_on_demand():
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (8192, 3, 32, 32), dtype=torch.uint8, generator=generator).cuda()

@@ -71,6 +71,14 @@ def test_a_step_that_waits_for_the_host_is_never_captured_and_says_so_once():
     assert "synchronizing CUDA operation" in notes[0]
 
 
+def test_preparing_an_epoch_never_waits_for_the_host():
+    run_check("check_preparing_an_epoch_never_waits_for_the_host")
+
+
+def test_the_captured_lr_follows_the_schedule():
+    run_check("check_the_captured_lr_follows_the_schedule")
+
+
 def test_eager_steps_beside_the_next_epochs_preparation_train_as_on_demand():
     run_check("check_eager_steps_beside_the_next_epochs_preparation_train_as_on_demand")
 

@@ -165,6 +165,34 @@ def test_reproduce_runs_a_tables_commands_keeps_their_logs_and_prints_the_table(
         f"error: {tmp_path / 'runs' / 'fast' / 'seed1'} already exist: move them away, or pass another --work folder"]
 
 
+def test_a_failed_reproduce_rerun_keeps_the_earlier_results_and_a_split_table_comes_out_whole(cifar_dir, tmp_path):
+    from conftest import TINY_MODEL
+    tiny = [*TINY_MODEL, "--data-dir", cifar_dir, "--no-download", "--batch-size", 16, "--epochs", 1, "--device", "cpu"]
+    assert reproduce("fast", "--runs", "seed0", "--", *tiny, cwd=tmp_path).returncode == 0
+    seed0 = tmp_path / "results" / "fast" / "seed0"
+    (seed0 / "notes.txt").write_text("a user's notes on the published figure")
+    before = {path.name: path.read_bytes() for path in seed0.iterdir()}
+    failed = reproduce("fast", "--runs", "seed0", "--work", "elsewhere", "--", *tiny, "--epochs", "0", cwd=tmp_path)
+    assert failed.returncode == 1
+    assert {path.name: path.read_bytes() for path in seed0.iterdir()} == before  # nothing of it touched
+    assert "argument --epochs: 0 is outside" in (seed0.parent / "seed0.failed" / "output.txt").read_text()
+    second = reproduce("fast", "--runs", "seed2", "--", *tiny, cwd=tmp_path)  # the table's other half
+    assert second.returncode == 0, second.stdout + second.stderr
+    table = (tmp_path / "results" / "fast" / "table.md").read_text()
+    assert [line.split(" |")[0] for line in table.splitlines() if line.startswith("| seed")] == ["| seed0", "| seed2"]
+    assert not [path.name for path in seed0.parent.iterdir() if path.name.startswith(".")]  # no half-made folder
+
+
+def test_reproduce_check_writes_one_report_and_says_when_no_gpu_is_there(tmp_path):
+    result = reproduce("check", "--results", tmp_path / "report", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (report,) = (tmp_path / "report" / "check").iterdir()
+    text = report.read_text()
+    assert text.startswith("check: ") and ", torch 2." in text.splitlines()[0]
+    assert "no CUDA GPU here (or CI is set): every GPU test was skipped" in text
+    assert "SKIPPED" in text and " skipped in " in text  # each case reported
+
+
 def test_reproduce_marks_a_failed_run_and_exits_non_zero(tmp_path):
     result = reproduce("default", "--", "--data-dir", tmp_path / "nowhere", "--no-download", cwd=tmp_path)
     assert result.returncode == 1

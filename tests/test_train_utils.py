@@ -202,16 +202,16 @@ def test_cuda_graphs_only_for_one_cuda_process_and_only_when_wanted():
     assert not uses_cuda_graphs(CPU) and not uses_cuda_graphs(Runtime(torch.device("mps")))
 
 
-@pytest.mark.parametrize("version, graphs", [("2.2.2+cu121", False), ("2.3.0", True), ("2.11.0+cu130", True),
+@pytest.mark.parametrize("version, graphs", [("2.3.1+cu121", False), ("2.4.0", True), ("2.11.0+cu130", True),
                                              ("10.0.0a0", True)])
-def test_cuda_graphs_are_refused_in_one_line_below_the_first_torch_with_fused_sgd(monkeypatch, capsys, version,
+def test_cuda_graphs_are_refused_in_one_line_below_the_first_torch_that_keeps_the_lr_on_the_gpu(monkeypatch, capsys, version,
                                                                                   graphs):
     monkeypatch.setattr(torch, "__version__", version)
     assert uses_cuda_graphs(Runtime(torch.device("cuda"))) == graphs
     assert train_utils.fused_sgd_available(torch.device("cuda")) == graphs
     note = capsys.readouterr().err
-    assert note == ("" if graphs else f"note: CUDA graphs need torch 2.3 or newer, whose fused SGD reads the lr from "
-                                      f"the GPU; torch {version} trains eagerly\n")
+    assert note == ("" if graphs else f"note: CUDA graphs need torch 2.4 or newer, whose fused SGD and schedule keep "
+                                      f"the lr on the GPU; torch {version} trains eagerly\n")
 
 
 def test_a_snapshot_keeps_the_values_of_the_moment_it_was_taken(cifar_dir):
