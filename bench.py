@@ -52,10 +52,13 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-from dataset_utils import EvalLoader, TrainLoader, plan_epoch  # noqa: E402
+from augment import plan_epoch  # noqa: E402
+from config import Config  # noqa: E402
+from config import parse_args as parse_train_flags  # noqa: E402
+from dataset_utils import EvalLoader, TrainLoader  # noqa: E402
 from device_utils import DeviceError, Runtime, get_device, input_dtype, resolve_precision, synchronize  # noqa: E402
-from train import parse_args as parse_train_flags  # noqa: E402
-from train_utils import Config, build_run, evaluate, train_one_epoch  # noqa: E402
+from evaluation import evaluate  # noqa: E402
+from train_utils import build_run, train_one_epoch  # noqa: E402
 
 NOISY_SPREAD = 0.10
 

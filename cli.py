@@ -1,8 +1,11 @@
 """Command-line plumbing shared by train.py, bench.py and plot.py: flag errors in one line, help that shows each
-default once, and numbers checked against their range. Imports nothing heavy, so --help and flag errors answer
-at once."""
+default once, numbers checked against their range, and a process's exits before and after its run. Imports nothing
+heavy, so --help and flag errors answer at once."""
 import argparse
+import contextlib
 import math
+import os
+import sys
 import textwrap
 
 FLOAT32_MAX = 3.4028234663852886e38  # what a float setting must fit in: the training computes in float32
@@ -94,3 +97,18 @@ def one_of(*choices):
             raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(choices)}")
         return text
     return check
+
+
+def quit_while_starting(signum, frame):
+    """Ctrl-C while torch loads, before anything is written: one line, not a traceback."""
+    print("\ninterrupted while starting: nothing was written", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
+def exit_worker(code):
+    """A torchrun worker leaves without running C++ teardown: on a loaded machine the process group's threads
+    can abort it there ("terminate called without an active exception") after everything was done and saved."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)

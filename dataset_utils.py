@@ -1,13 +1,12 @@
-"""CIFAR-100 on the training device: reading, batched augmentation, and loaders.
+"""CIFAR-100 on the training device: reading, the validation split, and loaders.
 
 The whole data set (about 180 MB as uint8) is read once and kept on the device. Each
 epoch's order and every image's augmentation parameters are drawn up front from a
-generator seeded by (seed, epoch), so batches come out with no Python per-image work, no
-DataLoader workers, and the same plan on every device; a run resumed mid-epoch sees
+generator seeded by (seed, epoch) (augment.py), so batches come out with no Python per-image
+work, no DataLoader workers, and the same plan on every device; a run resumed mid-epoch sees
 exactly the batches it would have seen.
 """
 import contextlib
-import functools
 import hashlib
 import math
 import os
@@ -15,30 +14,25 @@ import pickle
 import shutil
 import sys
 import tarfile
+import time
 import urllib.request
 import zipfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from auto_augment import PolicyPlan, apply_policy, draw_policy, grayscale, plan_policy
+from augment import IMAGE_SIZE, Augmentation, MixPlan, augment, mix_images, mix_targets, normalize, plan_epoch
+from device_utils import input_dtype, resolve_precision
 
 NUM_CLASSES = 100
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
-CROP_PADDING = 4
-MAX_ROTATION_DEGREES = 15.0
-JITTER_STRENGTH = 0.2  # brightness, contrast and saturation factors are drawn from [0.8, 1.2]
-IMAGE_SIZE = 32
 # Images augmented per call: large enough that an epoch takes a handful of calls, small enough that the
 # float32 intermediates (about 60 KB an image at their peak) stay near 1 GB.
 AUGMENT_CHUNK_IMAGES = 16_384
 VALIDATION_SEED = 20_231_117
-FLIP_STREAM = 0xF11B  # keeps the alternating flip's draw apart from every other seeded draw
 
 
 # The official python-version archive (about 161 MB) and the folder it unpacks to.
@@ -227,234 +221,7 @@ def write_cache(path, images, labels):
             temporary.unlink(missing_ok=True)
 
 
-# ---- batched augmentation: each op takes a float batch (B, 3, H, W) in [0, 1] ----
-
-
-def random_crop(images, offsets, padding=CROP_PADDING):
-    """Zero-pad by `padding`, then cut the original size at per-image (row, col) offsets in [0, 2*padding]."""
-    size = images.shape[-1]
-    padded = F.pad(images, (padding,) * 4)
-    steps = torch.arange(size, device=images.device)
-    rows = (offsets[:, 0:1] + steps)[:, :, None]
-    cols = (offsets[:, 1:2] + steps)[:, None, :]
-    batch = torch.arange(len(images), device=images.device)[:, None, None]
-    return padded[batch, :, rows, cols].permute(0, 3, 1, 2)  # advanced indexing puts channels last
-
-
-def horizontal_flip(images, mask):
-    return torch.where(mask[:, None, None, None], images.flip(-1), images)
-
-
-def rotate(images, degrees):
-    """Rotate each image about its centre, nearest-neighbour with zero fill, like torchvision's RandomRotation."""
-    radians = degrees * (math.pi / 180)
-    cos, sin, zero = radians.cos(), radians.sin(), torch.zeros_like(radians)
-    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-
-
-@functools.lru_cache
-def channel_constant(values, device):
-    """A (3, 1, 1) tensor made once per device: building it each batch would be a blocking host-to-GPU copy."""
-    return torch.tensor(values, device=device)[:, None, None]
-
-
-def blend(images, other, factors):
-    factors = factors[:, None, None, None]
-    return (factors * images + (1 - factors) * other).clamp(0, 1)
-
-
-# The jitter ops, by their index in a plan's jitter orders and factors.
-BRIGHTNESS, CONTRAST, SATURATION = range(3)
-
-
-def color_jitter(images, factors, orders):
-    """Brightness, contrast and saturation with per-image factors (B, 3), in per-image op orders (B, 3), or one
-    order (3,) for all. Each op blends an image towards black, its mean grey or its grey; at each of the three
-    positions every image is blended towards what its own op there needs, so no image waits for a group."""
-    orders = orders.expand(len(images), 3)
-    for position in range(3):
-        op = orders[:, position, None]
-        gray = grayscale(images)
-        towards = torch.where(op[:, :, None, None] == SATURATION, gray, gray.mean((1, 2, 3), keepdim=True))
-        towards = torch.where(op[:, :, None, None] == BRIGHTNESS, 0.0, towards)
-        images = blend(images, towards, factors.gather(1, op).squeeze(1))
-    return images
-
-
-def normalize(images):
-    mean = channel_constant(CIFAR100_MEAN, images.device)
-    std = channel_constant(CIFAR100_STD, images.device)
-    return (images - mean) / std
-
-
-def cutout(images, centres, size):
-    """Zero a square per image around (row, col) `centres` that may lie on the border, as the Cutout paper's code
-    does: rows and columns centre - size // 2 up to centre + size // 2, so an odd size cuts (size - 1) squared.
-    On normalised images zero is the data set's mean colour, the paper's fill."""
-    steps = torch.arange(images.shape[-1], device=images.device)
-    low, high = centres - size // 2, centres + size // 2
-    rows = (steps >= low[:, 0:1]) & (steps < high[:, 0:1])
-    cols = (steps >= low[:, 1:2]) & (steps < high[:, 1:2])
-    keep = ~(rows[:, :, None] & cols[:, None, :])
-    return images * keep[:, None].to(images.dtype)
-
-
-@dataclass(frozen=True)
-class Augmentation:
-    """How training images are augmented beyond the random crop and flip; every part is off by default."""
-
-    cutout: int = 0  # the side of the square Cutout zeroes
-    mixup: float = 0.0  # Beta(alpha, alpha) of the mixup weights
-    cutmix: float = 0.0  # Beta(alpha, alpha) of the CutMix box shares
-    cutmix_prob: float = 1.0  # the chance a batch is CutMix; the others are mixed up with --mixup, else left
-    policy: str = None  # "ta_wide" or "ra": replaces the rotation and colour jitter
-    num_ops: int = 2  # RandAugment's ops per image
-    magnitude: int = 9  # RandAugment's magnitude bin
-    flip: str = "random"  # "random": each image's own coin every epoch; "alternate": mirrored every other epoch
-
-    @property
-    def mixes(self):
-        return self.mixup > 0 or self.cutmix > 0
-
-
-@dataclass
-class AugmentationPlan:
-    """Every random choice of one epoch, one row per image position in the epoch's order."""
-
-    order: torch.Tensor  # (N,) permutation of the data set
-    crop_offsets: torch.Tensor  # (N, 2) in [0, 2 * CROP_PADDING]
-    flip: torch.Tensor  # (N,) bool
-    degrees: torch.Tensor  # (N,) in [-15, 15]
-    jitter_factors: torch.Tensor  # (N, 3) in [0.8, 1.2]
-    jitter_order: torch.Tensor  # (steps, 3): torchvision shuffles the jitter ops per call; we do per batch
-    cutout_centres: torch.Tensor  # (N, 2) in [0, 32): used only with --cutout
-    mixing: "MixPlan" = None  # with --mixup or --cutmix
-    policy: PolicyPlan = None  # with --auto-augment
-
-
-@dataclass
-class MixPlan:
-    """How each batch is mixed with a permutation of itself (image i with image partners[i]), one row per step.
-
-    `weights` is each image's own share of the result and of its target; the partner has the rest.
-    A CutMix step pastes the partner into `boxes` (top, left, bottom, right) and its weight is the area
-    left; a mixup step has an empty box and blends the whole image by its weight; a step left unmixed
-    has weight 1.
-    """
-
-    weights: torch.Tensor  # (steps,) in [0, 1]
-    boxes: torch.Tensor  # (steps, 4)
-    blend: torch.Tensor  # (steps,) the blending weight: 1 on CutMix and unmixed steps, the weight on mixup steps
-    partners: torch.Tensor  # (steps, batch): a permutation of each batch (this process's share under torchrun)
-
-
-def plan_epoch(num_images, steps, seed, epoch, device, augmentation=Augmentation(), batch_size=None):
-    """Draw an epoch's plan on the CPU, so a seed gives the same run on every device, then move it once.
-
-    `batch_size` is the batch each process trains on, whose images mixing pairs (default: one process).
-    """
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(num_images, generator=generator)
-    crop_offsets = torch.randint(0, 2 * CROP_PADDING + 1, (num_images, 2), generator=generator)
-    flip = torch.rand(num_images, generator=generator) < 0.5
-    degrees = (torch.rand(num_images, generator=generator) * 2 - 1) * MAX_ROTATION_DEGREES
-    jitter_factors = 1 + (torch.rand(num_images, 3, generator=generator) * 2 - 1) * JITTER_STRENGTH
-    jitter_order = torch.stack([torch.randperm(3, generator=generator) for _ in range(steps)])
-    cutout_centres = torch.randint(0, IMAGE_SIZE, (num_images, 2), generator=generator)
-    # Drawn last, each only when on: switching one on leaves every other draw of the epoch as it was.
-    mixing = policy = None
-    if augmentation.mixes:
-        mixing = plan_mixing(steps, batch_size or num_images // steps, augmentation, generator)
-    if augmentation.policy:
-        policy = plan_policy(*draw_policy(num_images, augmentation.policy, augmentation.num_ops,
-                                          augmentation.magnitude, generator))
-    if augmentation.flip == "alternate":
-        flip = alternating_flips(num_images, seed, epoch)[order]
-
-    def to_device(tensor):
-        if torch.device(device).type == "cuda":  # from pageable memory a copy would wait for the stream's work
-            tensor = tensor.pin_memory()
-        return tensor.to(device, non_blocking=True)
-
-    def parts_to_device(plan):
-        return plan and type(plan)(*map(to_device, vars(plan).values()))
-
-    return AugmentationPlan(*map(to_device, (order, crop_offsets, flip, degrees, jitter_factors, jitter_order,
-                                             cutout_centres)), parts_to_device(mixing), parts_to_device(policy))
-
-
-def alternating_flips(num_images, seed, epoch):
-    """Which images (by index in the data set) are mirrored in `epoch`: a random half fixed by the seed in even
-    epochs, the other half in odd ones, as airbench's alternating flip. Any two epochs in a row then show every
-    image both ways, where independent coins leave a quarter of the images unmirrored in both."""
-    first = np.random.default_rng([seed, FLIP_STREAM]).random(num_images) < 0.5
-    return torch.from_numpy(first) ^ bool(epoch % 2)
-
-
-def plan_mixing(steps, batch_size, augmentation, generator):
-    """Each step is CutMix with chance cutmix_prob; the others are mixup with --mixup, else unmixed. Weights are
-    drawn from Beta(alpha, alpha), and each batch's partners are a random permutation of it, as in the papers."""
-    rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))  # torch has no seeded Beta
-    use_cutmix = (rng.random(steps) < augmentation.cutmix_prob) & (augmentation.cutmix > 0)
-    use_mixup = ~use_cutmix & (augmentation.mixup > 0)
-    alpha = np.where(use_cutmix, augmentation.cutmix, augmentation.mixup)
-    drawn = np.where(use_cutmix | use_mixup, rng.beta(np.maximum(alpha, 1e-9), np.maximum(alpha, 1e-9)), 1.0)
-    # CutMix: a square of (1 - weight) of the image, centred anywhere, clipped by the border.
-    half_side = np.sqrt(1 - drawn) * IMAGE_SIZE / 2
-    centres = rng.integers(0, IMAGE_SIZE, (steps, 2))
-    low = np.clip(np.rint(centres - half_side[:, None]), 0, IMAGE_SIZE).astype(np.int64)
-    high = np.clip(np.rint(centres + half_side[:, None]), 0, IMAGE_SIZE).astype(np.int64)
-    boxes = np.where(use_cutmix[:, None], np.concatenate([low, high], 1), 0)
-    pasted = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / IMAGE_SIZE**2
-    weights = np.where(use_cutmix, 1 - pasted, drawn)
-    blend = np.where(use_mixup, drawn, 1.0)
-    partners = rng.permuted(np.tile(np.arange(batch_size), (steps, 1)), axis=1)
-    return MixPlan(torch.tensor(weights, dtype=torch.float32), torch.from_numpy(boxes),
-                   torch.tensor(blend, dtype=torch.float32), torch.from_numpy(partners))
-
-
-def mix_images(images, mixing):
-    """Mix steps of batches (steps, B, 3, H, W) with their partners, by the plan's rows for those steps."""
-    partners = images[torch.arange(len(images), device=images.device)[:, None], mixing.partners]
-    blend = mixing.blend[:, None, None, None, None].to(images.dtype)
-    mixed = blend * images + (1 - blend) * partners
-    steps = torch.arange(images.shape[-1], device=images.device)
-    top, left, bottom, right = (mixing.boxes[:, i, None] for i in range(4))
-    rows = (steps >= top) & (steps < bottom)
-    cols = (steps >= left) & (steps < right)
-    pasted = (rows[:, :, None] & cols[:, None, :])[:, None, None]
-    return torch.where(pasted, partners, mixed)
-
-
-def mix_targets(labels, mixing, num_classes=NUM_CLASSES):
-    """Targets (steps, B, classes) of batches of labels (steps, B) mixed with their partners: each row sums to 1."""
-    own = F.one_hot(labels, num_classes).float()
-    partners = own[torch.arange(len(own), device=own.device)[:, None], mixing.partners]
-    weights = mixing.weights[:, None, None]
-    return weights * own + (1 - weights) * partners
-
-
-def augment(images, plan, positions, jitter_order, cutout_size=0):
-    """Crop, flip, then the policy (or rotate and jitter), normalise and cut out uint8 images with the plan's rows
-    at `positions`.
-
-    `jitter_order` is one order of the jitter ops for all the images, or one row per image.
-    """
-    images = images.float()  # grey levels 0..255 until normalised: the policy's ops are defined on them
-    images = random_crop(images, plan.crop_offsets[positions])
-    images = horizontal_flip(images, plan.flip[positions])
-    if plan.policy is not None:
-        images = apply_policy(images, PolicyPlan(*(part[positions] for part in vars(plan.policy).values())))
-        images = images.div_(255)
-    else:
-        images = rotate(images.div_(255), plan.degrees[positions])
-        images = color_jitter(images, plan.jitter_factors[positions], jitter_order)
-    images = normalize(images)
-    if cutout_size:
-        images = cutout(images, plan.cutout_centres[positions], cutout_size)
-    return images
+# ---- loaders ----
 
 
 @dataclass
@@ -532,7 +299,7 @@ class TrainLoader:
         labels = self.labels[plan.order[self.positions(range(start_step, self.steps_per_epoch))]]
         if plan.mixing is None:
             return labels
-        return mix_targets(labels, MixPlan(*(part[start_step:] for part in vars(plan.mixing).values())))
+        return mix_targets(labels, MixPlan(*(part[start_step:] for part in vars(plan.mixing).values())), NUM_CLASSES)
 
     def prepare(self, epoch):
         """Start augmenting `epoch` now, for its `batches` to take. On CUDA the work goes to a side stream, so
@@ -655,3 +422,39 @@ def load_cifar100(config, arrays=None):
                       config.rank, config.world_size, config.dtype)
     train.classes = test.classes = arrays.classes
     return train, val, test
+
+
+class DataReader:
+    """CIFAR-100 read on a thread of its own, started first, so that the reading goes on beside the device's
+    set-up (CUDA's initialisation) and the run folder's checks; `arrays()` waits for it and raises what it
+    raised, where the run needs the data. Data still to be downloaded or unpacked is fetched there and then
+    instead: a run that stops before would otherwise wait for the download to end."""
+
+    def __init__(self, data_dir, download):
+        self.data_dir, self.download, self.seconds, self.future = data_dir, download, 0.0, None
+        if all((Path(data_dir) / FOLDER_NAME / name).is_file() for name in SPLIT_FILES):
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="data-reader")
+            self.future = pool.submit(self.read)
+            pool.shutdown(wait=False)
+
+    def read(self):
+        started = time.perf_counter()
+        arrays = read_cifar100(self.data_dir, self.download)
+        self.seconds = time.perf_counter() - started
+        return arrays
+
+    def arrays(self):
+        return self.future.result() if self.future is not None else self.read()
+
+
+def load_run_data(config, runtime, reader):
+    """A run's loaders (as `load_cifar100`) on its device, from the arrays `reader` has read, in the dtype the run
+    computes in; their start-up times go to the runtime's record."""
+    arrays = reader.arrays()
+    started = time.perf_counter()
+    loaders = load_cifar100(DataConfig(
+        config.batch_size, config.data_dir, not config.no_download, runtime.device, config.seed, runtime.rank,
+        runtime.world_size, config.test_batch_size, config.val_size, config.augmentation,
+        input_dtype(resolve_precision(runtime.device, config.precision))), arrays)
+    runtime.startup.update({"reading the data": reader.seconds, "data to the device": time.perf_counter() - started})
+    return loaders

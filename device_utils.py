@@ -188,3 +188,17 @@ def max_over_ranks(value, runtime):
     tensor = torch.tensor([float(value)], device=runtime.device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return type(value)(tensor.item())
+
+
+# The first torch whose fused SGD reads the lr from a device tensor and whose schedules fill that tensor in place
+# (2.3 has the kernel, but its schedules put a number in the tensor's place): the graphed step needs both.
+GRAPHED_SGD_TORCH = (2, 4)
+
+
+def torch_release():
+    """(major, minor) of the torch in use."""
+    return tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def fused_sgd_available(device):
+    return device.type == "cuda" and torch_release() >= GRAPHED_SGD_TORCH

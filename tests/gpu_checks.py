@@ -7,12 +7,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dataset_utils import Augmentation, EvalLoader, TrainLoader  # noqa: E402
+from augment import Augmentation  # noqa: E402
+from config import Config, parse_args  # noqa: E402
+from dataset_utils import EvalLoader, TrainLoader  # noqa: E402
 from device_utils import Runtime  # noqa: E402
 from model import build_model  # noqa: E402
-from train import parse_args  # noqa: E402
-from train_utils import (Config, SharpnessAware, WeightAverage, build_run, make_criterion, make_optimizer,  # noqa: E402
-                         make_scheduler, make_train_step, train_one_epoch)
+from train_step import SharpnessAware, WeightAverage, make_train_step  # noqa: E402
+from train_utils import build_run, make_criterion, make_optimizer, make_scheduler, train_one_epoch  # noqa: E402
 
 
 def two_identical_steps(graphed, criterion=None, rho=None):

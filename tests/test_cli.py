@@ -339,7 +339,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(train_main,
 
 
 def test_the_fast_preset_sets_its_recipe_and_flags_still_win():
-    from train import parse_args
+    from config import parse_args
     args, explicit = parse_args(["--preset", "fast", "--epochs", "12"])
     assert (args.batch_size, args.lr, args.nesterov, args.label_smoothing, args.tta) == (512, 0.4, True, 0.1, True)
     assert args.epochs == 12 and explicit == {"preset": "fast", "epochs": 12}
@@ -423,8 +423,7 @@ def test_start_up_removes_only_its_own_temporaries(cifar_dir, tmp_path):
 def test_every_flag_is_a_setting_with_one_resume_rule():
     from dataclasses import fields
 
-    from train import build_parser
-    from train_utils import Config
+    from config import Config, build_parser
     flags = {action.dest for action in build_parser()._actions} - {"help", "resume", "evaluate"}
     assert flags == {setting.name for setting in fields(Config)}
     rules = {setting.metadata.get("on_resume", "fixed") for setting in fields(Config)}
@@ -455,8 +454,8 @@ def test_resume_refuses_a_changed_validation_split(train_main, cifar_dir, tmp_pa
 
 def test_without_a_terminal_progress_lines_show_each_epoch_with_its_eta(train_main, cifar_dir, tmp_path, capsys,
                                                                          monkeypatch):
-    import train_utils
-    monkeypatch.setattr(train_utils, "PROGRESS_SECONDS", 0)  # a line at every sync point, not once a minute
+    import report
+    monkeypatch.setattr(report, "PROGRESS_SECONDS", 0)  # a line at every sync point, not once a minute
     assert train_main(tiny_run_args(cifar_dir, tmp_path / "ckpt", "--epochs", "2")) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  epoch ")]
     assert len(lines) == 2 * 4  # 4 steps an epoch, each a sync point

@@ -10,9 +10,10 @@ from torch.overrides import TorchFunctionMode
 import auto_augment
 import dataset_utils
 from auto_augment import grayscale
-from dataset_utils import (ARCHIVE_NAME, CIFAR100_MEAN, CIFAR100_STD, Augmentation, DataConfig, DataError, EvalLoader,
-                           TrainLoader, augment, color_jitter, cutout, horizontal_flip, load_cifar100, normalize,
-                           plan_epoch, random_crop, read_cifar100, rotate, split_validation)
+from augment import (CIFAR100_MEAN, CIFAR100_STD, Augmentation, augment, color_jitter, cutout, horizontal_flip,
+                     plan_epoch, random_crop, rotate)
+from dataset_utils import (ARCHIVE_NAME, DataConfig, DataError, EvalLoader, TrainLoader, load_cifar100, normalize,
+                           read_cifar100, split_validation)
 
 
 def random_batch(size=8, seed=0):

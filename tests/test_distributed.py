@@ -87,7 +87,8 @@ def test_resume_under_torchrun_continues_exactly(runs):
 def test_under_torchrun_every_rank_evaluates_the_average_that_is_saved(runs):
     from dataset_utils import EvalLoader, read_cifar100
     from device_utils import Runtime
-    from train_utils import evaluate, load_model
+    from evaluation import evaluate
+    from train_utils import load_model
     cifar_dir, root, _, _ = runs
     test = read_cifar100(cifar_dir, download=False)
     result = evaluate(load_model(root / "double" / "last.pt"), EvalLoader(test.test_images, test.test_labels),

@@ -422,13 +422,12 @@ def test_any_error_of_the_writer_stops_the_run_in_one_line_naming_the_file(train
 
 def test_a_state_that_diverged_mid_epoch_is_never_saved_at_an_interrupt(trained, tmp_path, train_main, capsys,
                                                                         monkeypatch):
-    import train
     import train_utils
     cifar_dir, folder = copy_of(trained, tmp_path)
-    before, runs, calls = contents(folder), [], []
+    before, runs, calls, build_run = contents(folder), [], [], train_utils.build_run
 
     def build_and_keep(*args, **kwargs):
-        runs.append(train_utils.build_run(*args, **kwargs))
+        runs.append(build_run(*args, **kwargs))
         return runs[-1]
 
     def diverges_then_interrupted(logits, labels):  # the loss stays finite; a BatchNorm variance does not
@@ -439,7 +438,7 @@ def test_a_state_that_diverged_mid_epoch_is_never_saved_at_an_interrupt(trained,
             os.kill(os.getpid(), signal.SIGINT)
         return torch.nn.functional.cross_entropy(logits, labels)
 
-    monkeypatch.setattr(train, "build_run", build_and_keep)
+    monkeypatch.setattr(train_utils, "build_run", build_and_keep)
     monkeypatch.setattr(train_utils, "make_criterion", lambda label_smoothing: diverges_then_interrupted)
     capsys.readouterr()
     assert train_main(tiny_run_args(cifar_dir, folder, "--resume", "--epochs", 4)) == 1

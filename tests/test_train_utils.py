@@ -10,15 +10,19 @@ import numpy as np
 import pytest
 import torch
 
+import device_utils
+import report
+import train_step
 import train_utils
+from checkpoint import capture_rng_state, restore_rng_state, snapshot_to_host
+from config import Config, parse_args
 from conftest import assert_same_weights, tiny_run_args
 from dataset_utils import DataConfig, load_cifar100
 from device_utils import Runtime
+from evaluation import evaluate, view_logits
 from run_dir import CheckpointError, atomic_write, load_checkpoint
-from train import parse_args
-from train_utils import (Config, EarlyStopping, NonFiniteLossError, WeightAverage, build_run, capture_rng_state,
-                         evaluate, make_criterion, make_train_step, restore_rng_state, snapshot_to_host,
-                         train_one_epoch, uses_cuda_graphs, view_logits)
+from train_step import NonFiniteLossError, WeightAverage, make_train_step, uses_cuda_graphs
+from train_utils import EarlyStopping, build_run, make_criterion, train_one_epoch
 
 CPU = Runtime(torch.device("cpu"))
 
@@ -204,11 +208,11 @@ def test_cuda_graphs_only_for_one_cuda_process_and_only_when_wanted():
 
 @pytest.mark.parametrize("version, graphs", [("2.3.1+cu121", False), ("2.4.0", True), ("2.11.0+cu130", True),
                                              ("10.0.0a0", True)])
-def test_cuda_graphs_are_refused_in_one_line_below_the_first_torch_that_keeps_the_lr_on_the_gpu(monkeypatch, capsys, version,
-                                                                                  graphs):
+def test_cuda_graphs_are_refused_in_one_line_below_the_first_torch_that_keeps_the_lr_on_the_gpu(
+        monkeypatch, capsys, version, graphs):
     monkeypatch.setattr(torch, "__version__", version)
     assert uses_cuda_graphs(Runtime(torch.device("cuda"))) == graphs
-    assert train_utils.fused_sgd_available(torch.device("cuda")) == graphs
+    assert device_utils.fused_sgd_available(torch.device("cuda")) == graphs
     note = capsys.readouterr().err
     assert note == ("" if graphs else f"note: CUDA graphs need torch 2.4 or newer, whose fused SGD and schedule keep "
                                       f"the lr on the GPU; torch {version} trains eagerly\n")
@@ -281,7 +285,7 @@ def test_a_refused_capture_ends_the_allocation_to_its_own_pool_and_gives_the_poo
 
     capture = RecordedCapture(monkeypatch, invalidated, capturing=False)
     with pytest.raises(RuntimeError, match="not permitted"):  # the cause, not an error of the clean-up
-        train_utils.capture_graph(lambda: None, torch.device("cuda"))
+        train_step.capture_graph(lambda: None, torch.device("cuda"))
     assert capture.calls == [("begin", (7, 1)), ("_cuda_endAllocateToPool", 3, (7, 1)),  # the current GPU's
                              ("_cuda_releasePool", 3, (7, 1))]
 
@@ -293,7 +297,7 @@ def test_a_capture_that_ends_after_an_error_in_its_work_leaves_the_pool_to_its_g
         raise ValueError("a Python error while capturing")
 
     with pytest.raises(ValueError, match="a Python error"):
-        train_utils.capture_graph(work, torch.device("cuda", 1))
+        train_step.capture_graph(work, torch.device("cuda", 1))
     assert capture.calls == [("begin", (7, 1)), ("end",)]  # the ended graph gives its pool back when it goes
 
 
@@ -325,7 +329,8 @@ def reference_sam_step(model, optimizer, images, labels, rho, adaptive):
 def test_a_sam_step_equals_the_reference_step(cifar_dir, adaptive, rho):
     import copy
 
-    from train_utils import SharpnessAware, make_optimizer
+    from train_step import SharpnessAware
+    from train_utils import make_optimizer
     run = tiny_run(cifar_dir)
     batches = list(run.train_loader.batches(0))[:2]
     models = [copy.deepcopy(run.model) for _ in range(3)]
@@ -366,7 +371,7 @@ def test_the_progress_bar_starts_after_the_epochs_augmentation_so_its_rate_count
     augment_epoch = run.train_loader.augment_epoch
     monkeypatch.setattr(run.train_loader, "augment_epoch", lambda *args: events.append("augmented") or
                         augment_epoch(*args))
-    monkeypatch.setattr(train_utils.Progress, "__init__", lambda self, *args, real=train_utils.Progress.__init__: (
+    monkeypatch.setattr(report.Progress, "__init__", lambda self, *args, real=report.Progress.__init__: (
         events.append("progress starts"), real(self, *args))[1])
     train_one_epoch(run, show_progress=False)
     assert events == ["augmented", "progress starts"]  # not a first step that seems to take the whole augmentation

@@ -1,0 +1,324 @@
+"""A run's settings: the presets, the flags, `Config`, and what a resume may change. Imports nothing heavy, so
+--help and a wrong flag answer at once."""
+import argparse
+import os
+import re
+import typing
+from dataclasses import dataclass, field, fields, replace
+
+from cli import (FRACTION, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, FlagError, Parser,
+                 bounded, non_empty)
+from run_dir import CheckpointError
+
+
+def may_change():
+    """A recipe setting that --resume (or --evaluate) may change; not given, it stays the checkpoint's."""
+    return field(metadata={"on_resume": "may change"})
+
+
+def this_command():
+    """How this process runs, not what it trains: always taken from the command line, never the checkpoint."""
+    return field(metadata={"on_resume": "this command's"})
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of a run: train.py's flags over a preset, and on --resume over the checkpoint's settings.
+
+    A field without a note is fixed for the life of a run: --resume refuses a different value.
+    """
+
+    model: str
+    depth: int
+    widen_factor: int
+    dropout: float
+    sync_bn: bool
+    preset: str | None
+    batch_size: int
+    lr: float
+    momentum: float
+    min_momentum: float | None
+    nesterov: bool
+    weight_decay: float
+    bn_bias_lr_scale: float
+    label_smoothing: float
+    auto_augment: str | None
+    ra_num_ops: int
+    ra_magnitude: int
+    cutout: int
+    flip: str
+    mixup: float
+    cutmix: float
+    cutmix_prob: float
+    sam: float | None
+    asam: bool
+    ema: float
+    val_size: int
+    seed: int
+    epochs: int = may_change()
+    eval_every: int = may_change()
+    save_every: int = may_change()
+    target_accuracy: float | None = may_change()
+    patience: int = may_change()
+    tta: bool = may_change()
+    tta_crops: bool = may_change()
+    precision: str = may_change()
+    tensorboard: bool = may_change()
+    checkpoint_dir: str = this_command()
+    data_dir: str = this_command()
+    no_download: bool = this_command()
+    workers: int | None = this_command()
+    device: str = this_command()
+    compile: bool = this_command()
+    no_cuda_graphs: bool = this_command()
+    test_batch_size: int = this_command()
+    plot: bool = this_command()
+
+    @classmethod
+    def from_flags(cls, flags):
+        """The settings in an argparse namespace (which may hold more, such as --resume)."""
+        return cls(**{setting.name: getattr(flags, setting.name) for setting in fields(cls)})
+
+    def resumed_from(self, saved, given, path, defaults):
+        """These settings (from `given` flags and defaults) merged with a checkpoint's `saved` ones, field by field.
+        A fixed setting newer than the checkpoint was trained as its flag's default, which kept the behaviour from
+        before the flag: its value in `defaults`, the settings of a run given no flags."""
+        merged = {}
+        for setting in fields(self):
+            name, rule = setting.name, setting.metadata.get("on_resume", "fixed")
+            if rule == "this command's" or name not in saved and rule == "may change":
+                merged[name] = getattr(self, name)
+                continue
+            stored = saved[name] if name in saved else getattr(defaults, name)
+            if not fits_type(stored, setting.type):
+                raise CheckpointError(f"{path} is damaged: its setting {name} is a {type(stored).__name__}")
+            merged[name] = given.get(name, stored) if rule == "may change" else stored
+            if rule == "fixed" and name in given and given[name] != stored:
+                flag = "--" + name.replace("_", "-")
+                raise CheckpointError(f"{path} was trained with {flag} {stored}; refusing {flag} {given[name]} "
+                                      f"(start a new run in another --checkpoint-dir instead)")
+        return replace(self, **merged)
+
+    @property
+    def augmentation(self):
+        from augment import Augmentation  # torch: loaded only where the data is built
+        return Augmentation(self.cutout, self.mixup, self.cutmix, self.cutmix_prob, self.auto_augment,
+                            self.ra_num_ops, self.ra_magnitude, self.flip)
+
+    @property
+    def test_views(self):
+        """What an evaluation averages over: the image alone, with its mirror, or with shifted crops as well."""
+        return "crops" if self.tta_crops else "mirror" if self.tta else "image"
+
+    @property
+    def model_config(self):
+        kwargs = {}
+        if self.model == "wideresnet":
+            kwargs = {"depth": self.depth, "widen_factor": self.widen_factor, "dropout": self.dropout}
+        return {"name": self.model, "num_classes": 100, "kwargs": kwargs}  # CIFAR-100's fine classes
+
+
+def fits_type(value, annotation):
+    """Whether a stored setting has its field's type (an int does for a float; True is no number here)."""
+    kinds = typing.get_args(annotation) or (annotation,)
+    if float in kinds:
+        kinds += (int,)
+    return type(value) in kinds
+
+
+def check_model_config(checkpoint, model_config, path):
+    if checkpoint["model_config"] != model_config:
+        raise CheckpointError(f"{path} holds a {describe_model_config(checkpoint['model_config'])}, "
+                              f"not the {describe_model_config(model_config)} asked for")
+
+
+def describe_model_config(config):
+    extras = "".join(f", {key}={value}" for key, value in sorted(config["kwargs"].items()))
+    return f"{config['name']} ({config['num_classes']} classes{extras})"
+
+
+PRESETS = {
+    # ResNet18 to >= 73 % top-1 in the fewest seconds on one GPU; see README "Recipes".
+    "fast": {"batch_size": 512, "lr": 0.4, "epochs": 24, "nesterov": True, "label_smoothing": 0.1, "tta": True},
+    # WRN-28-10 for accuracy within 100 epochs; see README "Recipes".
+    "wrn": {"model": "wideresnet", "depth": 28, "widen_factor": 10, "batch_size": 256, "lr": 0.2, "epochs": 80,
+            "nesterov": True, "label_smoothing": 0.1, "cutout": 8},
+}
+
+
+def device_name(text):
+    """auto, cpu, mps, cuda or cuda:N, checked by its form alone (whether it exists needs torch)."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not auto, cpu, mps, cuda or cuda:N")
+    return text
+
+
+def build_parser(raising=False):
+    parser = Parser("Train ResNet18 or WideResNet on CIFAR-100.", raising)
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", choices=["resnet18", "wideresnet"], default="resnet18", help="the network")
+    model.add_argument("--depth", type=bounded(int, low=10), default=28, help="WideResNet depth, 6n+4")
+    model.add_argument("--widen-factor", type=bounded(int, low=1, high=32), default=10, help="WideResNet width multiplier")
+    model.add_argument("--dropout", type=FRACTION, default=0.0, help="WideResNet dropout between convs")
+    model.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm over GPUs under torchrun")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--preset", choices=sorted(PRESETS),
+                       help="a named recipe; flags given still win. " + "; ".join(
+                           f"{name}: {' '.join(as_flags(preset))}" for name, preset in PRESETS.items()))
+    optim.add_argument("-b", "--batch-size", type=POSITIVE_INT, default=128,
+                       help="global batch size, split over the processes of a torchrun run")
+    optim.add_argument("--epochs", type=POSITIVE_INT, default=100, help="length of the OneCycle schedule")
+    optim.add_argument("--lr", "--base-lr", type=POSITIVE_FLOAT, default=0.1, help="OneCycle peak lr")
+    optim.add_argument("--momentum", type=FRACTION, default=0.9,
+                       help="SGD momentum: held through the schedule, or the high end with --min-momentum")
+    optim.add_argument("--min-momentum", type=FRACTION, default=None, metavar="M",
+                       help="cycle the momentum against the lr: from --momentum down to M at the lr's peak and back "
+                            "(the step then runs eagerly on CUDA: a CUDA graph keeps the momentum it was captured "
+                            "with; None: held at --momentum)")
+    optim.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    optim.add_argument("--wd", "--weight-decay", dest="weight_decay", type=NON_NEGATIVE_FLOAT, default=5e-4,
+                       help="weight decay")
+    optim.add_argument("--bn-bias-lr-scale", type=POSITIVE_FLOAT, default=1.0, metavar="K",
+                       help="BatchNorm biases train at K times the lr and 1/K the weight decay, so they decay per "
+                            "step as the other weights (airbench's bias scaler) (1: as the other weights)")
+    optim.add_argument("--label-smoothing", type=FRACTION, default=0.0, help="in [0, 1)")
+    optim.add_argument("--auto-augment", choices=["ta_wide", "ra"], default=None,
+                       help="TrivialAugment-Wide or RandAugment, each image with its own ops, in place of the "
+                            "rotation and colour jitter (None: off)")
+    optim.add_argument("--ra-num-ops", type=bounded(int, low=1, high=10), default=2, metavar="N",
+                       help="RandAugment's ops per image")
+    optim.add_argument("--ra-magnitude", type=bounded(int, low=0, high=30), default=9, metavar="M",
+                       help="RandAugment's magnitude, one of 31 bins")
+    optim.add_argument("--cutout", type=bounded(int, low=0, high=32), default=0, metavar="SIZE",
+                       help="set a square of about SIZE x SIZE per training image to the mean colour, as the Cutout "
+                            "paper's code does (an odd SIZE cuts SIZE - 1) (0: off)")
+    optim.add_argument("--flip", choices=["random", "alternate"], default="random",
+                       help="random: each image mirrored by its own coin every epoch; alternate: each image mirrored "
+                            "in every other epoch, a random half in the even epochs and the other half in the odd "
+                            "(airbench's alternating flip)")
+    optim.add_argument("--mixup", type=NON_NEGATIVE_FLOAT, default=0.0, metavar="ALPHA",
+                       help="blend each training image with another of its batch (a random pairing per batch), "
+                            "images and targets, by a weight drawn per batch from Beta(ALPHA, ALPHA) (0: off)")
+    optim.add_argument("--cutmix", type=NON_NEGATIVE_FLOAT, default=0.0, metavar="ALPHA",
+                       help="paste a box of another image of the batch into each training image, the targets "
+                            "weighted by area, the box's share drawn per batch from Beta(ALPHA, ALPHA) (0: off)")
+    optim.add_argument("--cutmix-prob", type=bounded(float, low=0, high=1, low_open=True), default=None, metavar="P",
+                       help="the chance that a batch is CutMix; the others are mixed up with --mixup, else left "
+                            "unmixed (None: 1 alone, 0.5 beside --mixup)")
+    optim.add_argument("--ema", type=bounded(float, low=0, high=1, high_open=True), default=0.0, metavar="DECAY",
+                       help="also keep an exponential moving average of the weights, updated every step with this "
+                            "decay; it is what is evaluated, saved as best.pt's choice and returned by load_model "
+                            "(0: off)")
+    optim.add_argument("--sam", type=POSITIVE_FLOAT, default=None, metavar="RHO",
+                       help="sharpness-aware minimisation: each step's gradient is taken at the weights moved RHO "
+                            "uphill, two forward and backward passes per step (None: off)")
+    optim.add_argument("--asam", action="store_true",
+                       help="with --sam: the adaptive variant, the move scaled by each weight's size")
+    optim.add_argument("--val-size", type=NON_NEGATIVE_INT, default=0, metavar="N",
+                       help="hold out N training images (class-balanced, fixed split) to pick best.pt and stop "
+                            "early on; the test set is then used only at the end (0: off)")
+    optim.add_argument("--target-accuracy", type=bounded(float, low=0, high=1, low_open=True), default=None,
+                       help="stop once top-1 on the validation split (the test set without one) reaches this fraction "
+                            "for --patience epochs (None: off)")
+    optim.add_argument("--patience", type=POSITIVE_INT, default=2,
+                       help="evaluated epochs at the target before stopping")
+    optim.add_argument("--seed", type=bounded(int, low=0, high=2**32 - 1), default=0,
+                       help="seeds the weights, the data order and the augmentation")
+    run = parser.add_argument_group("run")
+    run.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                     help="continue from PATH (default <checkpoint-dir>/last.pt)")
+    run.add_argument("--evaluate", nargs="?", const="", default=None, metavar="PATH",
+                     help="test PATH (default <checkpoint-dir>/best.pt) and exit")
+    run.add_argument("--checkpoint-dir", type=non_empty, default="checkpoint",
+                     help="checkpoints, metrics, plot, TensorBoard logs")
+    run.add_argument("--data-dir", type=non_empty, default="data", help="where cifar-100-python/ is, or goes")
+    run.add_argument("--no-download", action="store_true", help="never download CIFAR-100")
+    run.add_argument("--workers", type=bounded(int, low=1, high=os.cpu_count() or 1), default=None,
+                     help="CPU threads for torch (None: torch's choice; the data needs no worker processes)")
+    run.add_argument("--device", type=device_name, default="auto", help="auto, cuda, cuda:N, mps or cpu")
+    run.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                     help="auto: bf16 autocast on CUDA, fp32 elsewhere")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model (inductor kernels)")
+    run.add_argument("--no-cuda-graphs", action="store_true",
+                     help="run the training step eagerly on CUDA instead of replaying it as a CUDA graph")
+    run.add_argument("--tta", action="store_true", help="evaluate on the image and its mirror, averaged")
+    run.add_argument("--tta-crops", action="store_true",
+                     help="evaluate on 6 views, airbench's test-time augmentation: half the image and its mirror, "
+                          "half the same pair for the crops shifted one pixel up-left and down-right (edges "
+                          "reflected); implies --tta")
+    run.add_argument("--test-batch-size", type=POSITIVE_INT, default=1000, help="evaluation batch")
+    run.add_argument("--eval-every", type=POSITIVE_INT, default=1, metavar="K",
+                     help="evaluate every K epochs and the last (best.pt and early stopping judge those alone)")
+    run.add_argument("--save-every", type=POSITIVE_INT, default=1, metavar="K",
+                     help="write checkpoints every K epochs and the last, a new best, an early stop and an "
+                          "interrupt (a kill loses up to K - 1 epochs)")
+    run.add_argument("--plot", action="store_true", help="draw metrics.png at the end (needs matplotlib)")
+    run.add_argument("--tensorboard", action="store_true", help="log to <checkpoint-dir>/tensorboard if installed")
+    return parser
+
+
+def parse_args(argv=None):
+    """Parse flags, apply a preset under them, and return (args, the flags given explicitly)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.preset:
+        parser.set_defaults(**PRESETS[args.preset])
+        args = parser.parse_args(argv)
+    explicit_parser = build_parser()  # the same flags with no defaults: what the user typed
+    for action in explicit_parser._actions:
+        action.default = argparse.SUPPRESS
+    explicit = vars(explicit_parser.parse_args(argv))
+    if args.resume is not None and args.evaluate is not None:
+        parser.error("--resume and --evaluate exclude each other")
+    if args.sync_bn and (int(os.environ.get("WORLD_SIZE", "1")) < 2 or args.device in ("cpu", "mps")):
+        parser.error("--sync-bn needs several processes on CUDA GPUs (torchrun)")
+    check_combination(args, parser)
+    for flag, needs, value in (("cutmix_prob", "cutmix", None), ("asam", "sam", None),
+                               ("ra_num_ops", "auto_augment", "ra"), ("ra_magnitude", "auto_augment", "ra")):
+        if flag in explicit and not (getattr(args, needs) if value is None else getattr(args, needs) == value):
+            parser.error(f"--{flag.replace('_', '-')} needs --{needs.replace('_', '-')}{' ' + value if value else ''}")
+    if args.cutmix_prob is None:
+        args.cutmix_prob = 0.5 if args.mixup and args.cutmix else 1.0
+    return args, explicit
+
+
+def as_flags(settings):
+    """The command-line words for settings (name: value): a switch when True, left out when None or False."""
+    words = []
+    for name, value in settings.items():
+        if value is not None and value is not False:
+            words += ["--" + name.replace("_", "-")] + ([] if value is True else [str(value)])
+    return words
+
+
+def check_combination(args, parser):
+    """The checks between settings, on top of each flag's own range."""
+    if args.min_momentum is not None and args.min_momentum > args.momentum:
+        parser.error(f"--min-momentum {args.min_momentum} is above --momentum {args.momentum}")
+    if args.nesterov and args.momentum == 0:
+        parser.error("--nesterov needs a momentum above 0")
+    if (args.depth - 4) % 6:
+        parser.error(f"argument --depth: {args.depth} is not 6n+4 (10, 16, 22, 28, ...)")
+
+
+def check_saved_settings(saved, path):
+    """A checkpoint's recipe goes through the very checks its flags would: one definition of each range."""
+    rules = {setting.name: setting.metadata.get("on_resume") for setting in fields(Config)}
+    unknown = sorted(set(saved) - set(rules))
+    if unknown:
+        raise CheckpointError(f"{path} is damaged: its settings hold {', '.join(unknown)}, which train.py has not")
+    flags = as_flags({name: value for name, value in saved.items() if rules[name] != "this command's"})
+    parser = build_parser(raising=True)
+    try:
+        check_combination(parser.parse_args(flags), parser)
+    except FlagError as err:
+        raise CheckpointError(f"{path} is damaged: its settings fail their flags' checks ({err})") from None
+
+
+def resumed_config(args, explicit, checkpoint, path):
+    """The settings of a run going on from `checkpoint`: its own, with the flags given now that may change."""
+    check_saved_settings(checkpoint["args"], path)
+    defaults = Config.from_flags(parse_args([])[0])
+    config = Config.from_flags(args).resumed_from(checkpoint["args"], explicit, path, defaults)
+    check_model_config(checkpoint, config.model_config, path)
+    return config

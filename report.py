@@ -1,0 +1,254 @@
+"""What a run prints: its header and recipe, progress within an epoch, the epoch line, the summary at the end,
+TensorBoard, and standard output and error that may close under it. Imports nothing heavy."""
+import datetime
+import os
+import shlex
+import sys
+import time
+from dataclasses import fields
+
+from tqdm import tqdm
+
+from config import Config, as_flags, describe_model_config, parse_args
+
+
+PROGRESS_SECONDS = 60  # without a terminal, a progress line at most this often (a CPU epoch takes minutes)
+
+
+def show(text, interrupt=None):
+    """Print a line of the run's log. If nothing reads it any more, later lines go nowhere and `interrupt` is told."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that Python's own flush at exit finds somewhere to write
+        os.close(devnull)
+        if interrupt is not None:
+            interrupt.output_closed()
+
+
+class Progress:
+    """An epoch's progress: tqdm's bar on a terminal; where standard error is no terminal (a log file, a batch
+    system), a line in the run's output every PROGRESS_SECONDS, with the epoch's ETA; nothing when not shown."""
+
+    def __init__(self, run, start_step, shown):
+        self.run, self.start_step = run, start_step
+        self.steps = run.train_loader.steps_per_epoch
+        self.bar = tqdm(total=self.steps, initial=start_step, desc=f"epoch {run.state.epoch + 1}", leave=False,
+                        disable=None if shown else True, dynamic_ncols=True)  # None: only on a terminal
+        self.lines = shown and self.bar.disable
+        self.last_line = time.perf_counter()
+
+    def step_done(self):
+        self.bar.update(1)
+
+    def report(self, step, loss, lr, images_per_sec, seconds):
+        """At a sync point, after `step` (0-based) and `seconds` of training in this epoch."""
+        self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4f}", img_s=f"{images_per_sec:,.0f}")
+        if self.lines and time.perf_counter() - self.last_line >= PROGRESS_SECONDS:
+            remaining = (self.steps - step - 1) * seconds / max(step + 1 - self.start_step, 1)
+            show(f"  epoch {self.run.state.epoch + 1}/{self.run.config.epochs}: step {step + 1}/{self.steps} | "
+                 f"loss {loss:.4f} | lr {lr:.5f} | {images_per_sec:,.0f} img/s | epoch ETA "
+                 f"{datetime.timedelta(seconds=round(remaining))}", self.run.interrupt)
+            self.last_line = time.perf_counter()
+
+    def close(self):
+        self.bar.close()
+
+
+def format_epoch_line(row, epochs, split="test"):
+    evaluation = ""
+    if f"{split}_top1" in row:  # with --eval-every, not every epoch is evaluated
+        raw = f" (raw {100 * row['raw_top1']:5.2f}%)" if "raw_top1" in row else ""
+        evaluation = (f"{split} loss {row[f'{split}_loss']:.4f} | top-1 {100 * row[f'{split}_top1']:5.2f}%{raw} | "
+                      f"top-5 {100 * row[f'{split}_top5']:5.2f}% | ")
+    return (f"epoch {row['epoch']:>3}/{epochs} | {row['epoch_seconds']:6.1f}s | train loss {row['train_loss']:.4f} | "
+            f"{evaluation}lr {row['lr']:.5f} | {row['images_per_sec']:,.0f} img/s"
+            + (" | new best" if row["best"] else ""))
+
+
+def log_tensorboard(writer, row):
+    if writer is None:
+        return
+    for key in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "test_loss", "test_top1", "test_top5",
+                "raw_top1", "lr", "images_per_sec"):
+        if key in row:
+            writer.add_scalar(key, row[key], row["epoch"])
+    writer.flush()
+
+
+def open_tensorboard(log_dir):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("note: --tensorboard ignored: install tensorboard to use it", file=sys.stderr)
+        return None
+    return SummaryWriter(str(log_dir))
+
+
+def describe_error(err):
+    return f"{type(err).__name__}: {err}".strip().splitlines()[0][:160]
+
+
+def process_started_at():
+    """When this process started, by the wall clock (Linux: from /proc); elsewhere, the moment train.py began."""
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            since_boot = float(stat.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+            return time.time() - (float(uptime.read().split()[0]) - since_boot)
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
+def describe_run(run, resumed):
+    config = run.config
+    parameters = sum(p.numel() for p in run.model.parameters())
+    lines = [f"{describe_model_config(config.model_config)}: {parameters / 1e6:.1f}M parameters on "
+             f"{run.runtime.device} x{run.runtime.world_size}, {run.precision}, channels_last, {run.train_step.planned} step"
+             f"{', compiled' if config.compile else ''}",
+             f"batch {config.batch_size} (global), {run.train_loader.steps_per_epoch} steps/epoch, "
+             f"{plural(config.epochs, 'epoch')}, OneCycle peak lr {config.lr}, momentum {config.momentum}, "
+             f"checkpoints in {run.run_dir.path}/",
+             f"training on {len(run.train_loader.images):,} images; best.pt and early stopping judged on the "
+             f"{run.selection_split} set",
+             describe_recipe(config)]
+    if resumed is not None:
+        lines.append(f"resumed from {resumed[1]} at epoch {run.state.epoch + 1}, step {run.state.step}"
+                     + describe_early_stop(run, resumed[0]))
+    return "\n".join(lines)
+
+
+def describe_recipe(config):
+    """The recipe's settings that differ from the defaults, as the flags that give them."""
+    defaults = Config.from_flags(parse_args([])[0])
+    changed = {setting.name: getattr(config, setting.name) for setting in fields(Config)
+               if setting.metadata.get("on_resume") != "this command's"
+               and getattr(config, setting.name) != getattr(defaults, setting.name)}
+    return "recipe: " + (shlex.join(as_flags(changed)) if changed else "the defaults")
+
+
+def describe_early_stop(run, checkpoint):
+    """Whether a resumed run had stopped early, and whether the target and patience given now keep it stopped."""
+    saved = checkpoint["args"]
+    before = type(run.early_stopping)(saved.get("target_accuracy"), saved.get("patience", 2))
+    before.load_state_dict(checkpoint["early_stopping"])
+    if run.early_stopping.should_stop:
+        return f"; it stopped early at epoch {run.state.epoch} and its target still holds: nothing to train"
+    if before.should_stop:
+        return (f"; it had stopped early at epoch {run.state.epoch}, and goes on with --target-accuracy "
+                f"{run.config.target_accuracy} --patience {run.config.patience}")
+    return ""
+
+
+def plural(count, noun):
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def describe_timing(run, first_epoch, fit_started_at, started_at):
+    """Start-up, part by part, to the end of the first step; and the start-up work done in the first epoch (the
+    first step, with cudnn's search and compilation, and the graph capture), left out of epoch times and img/s."""
+    step = run.train_step
+    if step.first_step_at is None:
+        return "no training step ran"
+    parts = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in run.runtime.startup.items())
+    work = ["the first step"] + ["cudnn's choice of algorithms"] * (run.runtime.device.type == "cuda") + \
+        ["compilation"] * run.config.compile + ["the CUDA graph capture"] * (step.graph is not None)
+    return (f"first training step done {step.first_step_at - started_at:.1f}s after start: {parts}, then "
+            f"{step.first_step_at - fit_started_at:.1f}s to the first step's end (epoch {first_epoch}'s "
+            f"augmentation, {', '.join(work)}); the reading went on beside the device's set-up\n"
+            f"{step.setup_seconds:.2f}s of start-up work in epoch {first_epoch} ({', '.join(work)}) not counted in "
+            f"epoch times; training step: {step.kind}")
+
+
+def describe_outcome(run, outcome, seconds, epochs_before, final_tests=None):
+    """The run's end: how it ended, its accuracy and speed; after a resume, what this process did of it."""
+    state = run.state
+    if outcome == "interrupted":
+        return f"interrupted after {plural(state.epoch, 'full epoch')}, {seconds:.1f}s in this process"
+    history = state.history
+    images_per_sec = sum(row["images"] for row in history) / max(sum(row["train_seconds"] for row in history), 1e-9)
+    split = run.selection_split
+    final_top1 = history[-1][f"{split}_top1"] if history else 0.0
+    reason = "early stop: target reached" if outcome == "early-stopped" else "done"
+    here = f"{seconds:.1f}s" if not epochs_before else \
+        f"{plural(state.epoch - epochs_before, 'epoch')} of them in this process, in {seconds:.1f}s"
+    summary = (f"{reason} after {plural(state.epoch, 'epoch')}, {here} "
+               f"({sum(row['epoch_seconds'] for row in history):.1f}s of epochs in all); final {split} top-1 "
+               f"{100 * final_top1:.2f}%, best {split} top-1 {100 * state.best_top1:.2f}%; "
+               f"{images_per_sec:,.0f} img/s overall")
+    if final_tests is not None:
+        final, best = final_tests
+        summary += (f"\ntest top-1 {100 * final.top1:.2f}% (top-5 {100 * final.top5:.2f}%) for the final model, "
+                    f"{100 * best.top1:.2f}% for best.pt")
+    return summary
+
+
+def draw_plot(run_dir):
+    from plot import PlotError, plot_metrics
+    try:
+        show(f"plot: {plot_metrics(run_dir.metrics, run_dir.plot)}")
+    except PlotError as err:
+        print(f"note: --plot skipped: {err}", file=sys.stderr)
+
+
+def plot_is_possible():
+    """--plot needs matplotlib: said at the start of a run, not after hours of training."""
+    from plot import matplotlib_missing
+    missing = matplotlib_missing()
+    if missing:
+        print(f"note: --plot will draw nothing: {missing}", file=sys.stderr)
+    return not missing
+
+
+def fail(error, code=1):
+    """One line on standard error; under torchrun only once, by rank 0, for an error every rank stopped on."""
+    if not getattr(error, "shown_by_rank_0", False):
+        print(f"error: {error}", file=sys.stderr)
+    return code
+
+
+class Notes:
+    """Standard error, for notes and errors: when nothing reads it any more (closed, or a pipe whose reader has
+    gone), what follows goes nowhere instead of raising, so the run still saves and stops as it would have."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except (OSError, ValueError, AttributeError):  # a broken pipe, a closed file, no stream (fd 2 closed)
+            self.to_nowhere()
+        except RuntimeError:  # a signal's note written while another was being written: this one is dropped
+            pass
+        return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except (OSError, ValueError, AttributeError):
+            self.to_nowhere()
+
+    def to_nowhere(self):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)  # so that Python's own flush at exit finds somewhere to write
+        os.close(devnull)
+        self.stream = open(os.devnull, "w")
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def resume_command(last, explicit):
+    """The command that continues this run: the launcher it runs under, and this command's own settings given."""
+    launcher = ["python", "train.py"]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        processes = os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
+        launcher = ["torchrun", "--standalone", f"--nproc_per_node={processes}", "train.py"]
+        if processes != os.environ["WORLD_SIZE"]:  # several nodes: their rendezvous is the user's to repeat
+            launcher = ["torchrun", f"--nnodes={int(os.environ['WORLD_SIZE']) // int(processes)}",
+                        f"--nproc_per_node={processes}", "...", "train.py"]
+    flags = as_flags({setting.name: explicit[setting.name] for setting in fields(Config)
+                      if setting.metadata.get("on_resume") == "this command's" and setting.name in explicit
+                      and setting.name != "checkpoint_dir"})
+    return shlex.join([*launcher, "--resume", str(last), *flags])
