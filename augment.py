@@ -203,18 +203,21 @@ def plan_mixing(steps, batch_size, augmentation, generator):
     use_mixup = ~use_cutmix & (augmentation.mixup > 0)
     alpha = np.where(use_cutmix, augmentation.cutmix, augmentation.mixup)
     drawn = np.where(use_cutmix | use_mixup, rng.beta(np.maximum(alpha, 1e-9), np.maximum(alpha, 1e-9)), 1.0)
-    # CutMix: a square of (1 - weight) of the image, centred anywhere, clipped by the border.
-    half_side = np.sqrt(1 - drawn) * IMAGE_SIZE / 2
-    centres = rng.integers(0, IMAGE_SIZE, (steps, 2))
-    low = np.clip(np.rint(centres - half_side[:, None]), 0, IMAGE_SIZE).astype(np.int64)
-    high = np.clip(np.rint(centres + half_side[:, None]), 0, IMAGE_SIZE).astype(np.int64)
-    boxes = np.where(use_cutmix[:, None], np.concatenate([low, high], 1), 0)
+    boxes = np.where(use_cutmix[:, None], cutmix_boxes(drawn, rng.integers(0, IMAGE_SIZE, (steps, 2))), 0)
     pasted = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / IMAGE_SIZE**2
     weights = np.where(use_cutmix, 1 - pasted, drawn)
     blend = np.where(use_mixup, drawn, 1.0)
     partners = rng.permuted(np.tile(np.arange(batch_size), (steps, 1)), axis=1)
     return MixPlan(torch.tensor(weights, dtype=torch.float32), torch.from_numpy(boxes),
                    torch.tensor(blend, dtype=torch.float32), torch.from_numpy(partners))
+
+
+def cutmix_boxes(shares, centres, size=IMAGE_SIZE):
+    """(top, left, bottom, right) of each CutMix box as the CutMix authors' code cuts it: a square of side
+    int(size * sqrt(1 - share)) about its (row, col) centre, centre - side // 2 to centre + side // 2, clipped by
+    the border (so the pasted share is what the box keeps of about 1 - share)."""
+    side = (size * np.sqrt(1 - shares)).astype(np.int64)[:, None]
+    return np.concatenate([np.clip(centres - side // 2, 0, size), np.clip(centres + side // 2, 0, size)], 1)
 
 
 def mix_images(images, mixing):

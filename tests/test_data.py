@@ -10,8 +10,8 @@ from torch.overrides import TorchFunctionMode
 import auto_augment
 import dataset_utils
 from auto_augment import grayscale
-from augment import (CIFAR100_MEAN, CIFAR100_STD, Augmentation, augment, color_jitter, cutout, horizontal_flip,
-                     plan_epoch, random_crop, rotate)
+from augment import (CIFAR100_MEAN, CIFAR100_STD, Augmentation, augment, color_jitter, cutmix_boxes, cutout,
+                     horizontal_flip, plan_epoch, random_crop, rotate)
 from dataset_utils import (ARCHIVE_NAME, DataConfig, DataError, EvalLoader, TrainLoader, load_cifar100, normalize,
                            read_cifar100, split_validation)
 
@@ -534,13 +534,33 @@ def test_cutmix_pastes_one_box_of_the_partner_and_weights_the_targets_by_its_are
     assert_targets_share_by_weight(targets, labels, plan.mixing)
 
 
+def reference_rand_bbox(size, lam, cx, cy):
+    """The CutMix authors' rand_bbox (clovaai/CutMix-PyTorch train.py), its random centre given."""
+    cut_rat = np.sqrt(1.0 - lam)
+    cut_w, cut_h = int(size * cut_rat), int(size * cut_rat)
+    bbx1, bby1 = np.clip(cx - cut_w // 2, 0, size), np.clip(cy - cut_h // 2, 0, size)
+    bbx2, bby2 = np.clip(cx + cut_w // 2, 0, size), np.clip(cy + cut_h // 2, 0, size)
+    return bbx1, bby1, bbx2, bby2
+
+
+def test_cutmix_boxes_are_cut_as_the_cutmix_authors_code_cuts_them():
+    rng = np.random.default_rng(0)
+    shares, centres = rng.beta(1.0, 1.0, 2000), rng.integers(0, 32, (2000, 2))
+    shares[:3] = 0.0, 1.0, 0.75  # the whole image, none of it, a side of exactly 16
+    boxes = cutmix_boxes(shares, centres)
+    for box, share, (row, col) in zip(boxes.tolist(), shares, centres):
+        assert box == list(reference_rand_bbox(32, share, row, col))
+    pasted = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / 1024
+    assert pasted.mean() == pytest.approx(0.30, abs=0.01)  # Beta(1, 1): about 0.30, clipped by the border
+
+
 def test_cutmix_prob_leaves_the_other_batches_unmixed_or_mixes_them_up():
     alone = plan_epoch(4000, 400, 0, 0, "cpu", Augmentation(cutmix=1.0, cutmix_prob=0.5), batch_size=10).mixing
-    is_cutmix = alone.boxes[:, 2] > alone.boxes[:, 0]
+    is_cutmix = alone.boxes.any(1)  # a box of side 0 or 1 cuts nothing, and an unmixed step has none at all
     assert 0.4 < is_cutmix.float().mean() < 0.6
     assert (alone.weights[~is_cutmix] == 1).all() and (alone.blend == 1).all()  # the others: left as they are
     both = plan_epoch(4000, 400, 0, 0, "cpu", Augmentation(mixup=0.2, cutmix=1.0, cutmix_prob=0.5), batch_size=10).mixing
-    is_cutmix = both.boxes[:, 2] > both.boxes[:, 0]
+    is_cutmix = both.boxes.any(1)
     assert 0.4 < is_cutmix.float().mean() < 0.6
     assert (both.blend[is_cutmix] == 1).all() and (both.boxes[~is_cutmix] == 0).all()
     assert torch.equal(both.weights[~is_cutmix], both.blend[~is_cutmix])
