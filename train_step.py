@@ -21,11 +21,17 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+def average_decay(updates, decay):
+    """The share of the average that the update after `updates` others keeps: timm's ModelEmaV3 warm-up,
+    min(decay, 1 - n^(-2/3)) at the n-th update, so the first copies the weights and the random start fades within
+    the first steps whatever the decay. A function of the count alone: a resume needs nothing more."""
+    return torch.clamp(1 - (1 + updates) ** (-2 / 3), max=decay)
+
+
 class WeightAverage:
     """An exponential moving average of a model's weights and BatchNorm statistics, updated after every step:
-    average = decay_n * average + (1 - decay_n) * current, where decay_n = min(decay, (1 + n) / (10 + n)) after n
-    updates (timm's warm-up), so the random starting weights fade within the first steps whatever the decay.
-    `model` is the averaged copy, evaluated and saved."""
+    average = decay_n * average + (1 - decay_n) * current, decay_n from `average_decay`. `model` is the averaged
+    copy, evaluated and saved."""
 
     def __init__(self, model, decay):
         self.decay = decay
@@ -38,7 +44,7 @@ class WeightAverage:
 
     @torch.no_grad()
     def update(self):
-        decay = torch.clamp((1 + self.updates) / (10 + self.updates), max=self.decay)
+        decay = average_decay(self.updates, self.decay)
         self.updates += 1
         steps = torch._foreach_sub(self.current, self.averaged)  # a few fused launches for every tensor
         torch._foreach_mul_(steps, 1 - decay)
