@@ -110,7 +110,6 @@ def bench_one(name, batch_size, precision, args, device):
     def bare_steps():
         for _ in range(args.steps):
             run.train_step(fixed_images, fixed_labels)
-            run.scheduler.step()
 
     plan = plan_epoch(len(loader.images), loader.steps_per_epoch, 0, 0, device, loader.augmentation, batch_size)
     (first_epoch_seconds,) = time_runs(device, epoch, 1)

@@ -62,7 +62,8 @@ def checkpoint_of(run, rng_states):
         "format": CHECKPOINT_FORMAT, "model_config": run.config.model_config,
         "model": unwrap_model(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
         "ema": run.average.model.state_dict() if run.average is not None else None,
-        "scheduler": run.scheduler.state_dict(), "epoch": state.epoch, "step": state.step,
+        "scheduler": {"last_epoch": state.epoch * run.train_loader.steps_per_epoch + state.step},
+        "epoch": state.epoch, "step": state.step,
         "epoch_totals": state.epoch_totals, "best_top1": state.best_top1,
         "early_stopping": run.early_stopping.state_dict(), "history": list(state.history),
         "args": asdict(run.config), "rng": rng_states, "val_split": split_fingerprint(run.val_loader),
@@ -105,7 +106,7 @@ def check_same_split(checkpoint, path, val_loader):
                               f"the training images or the split's code have changed")
 
 
-def restore(checkpoint, path, model, optimizer, scheduler, average, early_stopping, runtime, steps_per_epoch, seed):
+def restore(checkpoint, path, model, optimizer, average, early_stopping, runtime, steps_per_epoch, seed):
     """Put the run's parts back where `checkpoint` left them and return its state; a part that does not fit
     is reported in one line naming it."""
     with damage_reported(path, "weights"):
@@ -116,12 +117,12 @@ def restore(checkpoint, path, model, optimizer, scheduler, average, early_stoppi
     with damage_reported(path, "optimizer state"):
         load_optimizer_state(optimizer, checkpoint["optimizer"])
     with damage_reported(path, "schedule"):
-        load_scheduler_state(scheduler, checkpoint["scheduler"])
-        if scheduler.last_epoch != checkpoint["epoch"] * steps_per_epoch + checkpoint["step"]:
-            raise ValueError(f"it stands at step {scheduler.last_epoch}, not at epoch {checkpoint['epoch']} "
+        position = schedule_position(checkpoint["scheduler"])
+        if position != checkpoint["epoch"] * steps_per_epoch + checkpoint["step"]:
+            raise ValueError(f"it stands at step {position}, not at epoch {checkpoint['epoch']} "
                              f"step {checkpoint['step']}")
     if average is not None:
-        average.updates.fill_(scheduler.last_epoch)  # one update per step so far
+        average.updates.fill_(position)  # one update per step so far
     with damage_reported(path, "early-stopping record"):
         early_stopping.load_state_dict(checkpoint["early_stopping"])
         if not all(is_a(top1, NUMBER) for top1 in early_stopping.top1_history):
@@ -149,9 +150,13 @@ def damage_reported(path, part):
 
 def load_optimizer_state(optimizer, state):
     """SGD's state as this run would have written it: the same settings (the scheduled ones numbers), then the
-    momentum buffers in their parameters' layouts."""
+    momentum buffers in their parameters' layouts. The settings OneCycleLR kept in each group, in checkpoints
+    written before the schedule was a function of the step, are left out."""
     expected = optimizer.state_dict()["param_groups"]
     groups = state.get("param_groups")
+    if isinstance(groups, list) and all(isinstance(group, dict) for group in groups):
+        groups = [{key: value for key, value in group.items() if key not in ONE_CYCLE_SETTINGS} for group in groups]
+        state = {**state, "param_groups": groups}
     if not isinstance(groups, list) or len(groups) != len(expected) or not isinstance(state.get("state"), dict):
         raise ValueError("it is not this model's SGD state")
     for group, fresh in zip(groups, expected):
@@ -176,6 +181,7 @@ SCHEDULED = ("lr", "momentum")
 
 
 THIS_MACHINES = ("fused", "foreach", "differentiable", "capturable")
+ONE_CYCLE_SETTINGS = ("initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum")
 
 
 def lr_to_float(optimizer):
@@ -195,23 +201,14 @@ def match_parameter_layouts(optimizer):
             state["momentum_buffer"] = torch.empty_like(parameter).copy_(buffer)
 
 
-def load_scheduler_state(scheduler, state):
-    """Restore the schedule's position; the rest must be what this run's settings give (the planned length stays
-    this run's, so --epochs may grow on resume)."""
-    fresh = scheduler.state_dict()
-    if set(state) != set(fresh):
-        raise ValueError(f"it holds {sorted(state)}, not OneCycle's state")
-    for key, value in fresh.items():
-        if key not in SCHEDULE_LENGTH and (type(state[key]) is not type(value) or state[key] != value):
-            raise ValueError(f"its {key} is {state[key]!r}, where this run's settings give {value!r}")
-    position = state["last_epoch"], state["_step_count"]
-    if not all(is_a(value, int) and value >= 0 for value in position):
-        raise ValueError(f"its position {position} is not a count of steps")
-    scheduler.last_epoch, scheduler._step_count = position
-
-
-# What a schedule's state holds that follows from --epochs and the position (both may differ from this run's).
-SCHEDULE_LENGTH = ("total_steps", "_schedule_phases", "_last_lr", "last_epoch", "_step_count")
+def schedule_position(state):
+    """The steps a checkpoint's schedule had taken: {"last_epoch": steps}, as torch's schedulers name it, or (written
+    before the schedule was a function of the step) OneCycleLR's whole state, read by its position alone."""
+    if set(state) != {"last_epoch"} and not {"total_steps", "_schedule_phases", "last_epoch"} <= set(state):
+        raise ValueError(f"it holds {sorted(state)}, not the schedule's position")
+    if not (is_a(state["last_epoch"], int) and state["last_epoch"] >= 0):
+        raise ValueError(f"its position {state['last_epoch']!r} is not a count of steps")
+    return state["last_epoch"]
 
 
 def seed_everything(seed):

@@ -117,7 +117,6 @@ class TrainStep:
         self.first_step_seconds = 0.0  # the process's first step: cudnn's choice of algorithms, compilation
         self.capture_seconds = 0.0  # the CUDA graph's capture
         self.first_step_at = None  # time.time() when the process's first step had finished
-        self.last_lr = None  # the lr of the last step of the last full epoch
 
     @property
     def setup_seconds(self):
@@ -169,7 +168,7 @@ class GraphedTrainStep(TrainStep):
     the optimizer makes its momentum buffers); the last of them also tells whether the step
     waits for the host anywhere, which a capture would refuse. Then the next batch is captured,
     and every batch after it is copied into the graph's static inputs and replayed. The lr lives
-    in a device tensor that the scheduler fills between replays. If the step cannot be captured,
+    in a device tensor that the schedule fills between replays. If the step cannot be captured,
     it says why in one line and stays eager.
     """
 

@@ -89,21 +89,54 @@ def make_optimizer(model, lr, momentum=0.9, weight_decay=5e-4, nesterov=False, b
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, **fused)
 
 
-def make_scheduler(optimizer, total_steps, momentum_bounds=None):
-    """OneCycle on each group's lr, peaking at the lr the group was made with. Momentum stays what the optimizer
-    has, or with `momentum_bounds` (low, high) it cycles against the lr: high at the start and the end, low at the
-    lr's peak."""
-    peaks = [float(group["lr"]) for group in optimizer.param_groups]
-    if momentum_bounds is None:
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=total_steps,
-                                                   cycle_momentum=False)
-    low, high = momentum_bounds
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=total_steps,
-                                               base_momentum=low, max_momentum=high)
+@dataclass(frozen=True)
+class OneCycle:
+    """Every step's lr, and its momentum with `momenta`, as a function of the step alone: torch's OneCycleLR
+    computed in its own order (cosine; the peak at 30 % of the steps; from peak / 25 up, then down to peak / 250,000),
+    written into the optimizer before each step (`apply_to`). A resume needs only the step, and a longer --epochs
+    on resume costs nothing."""
+
+    total_steps: int
+    peaks: tuple  # each parameter group's peak lr
+    momenta: tuple = None  # (low, high): the momentum cycles against the lr, high at the ends, low at the lr's peak
+    WARM_UP, START_DIVISOR, END_DIVISOR = 0.3, 25.0, 1e4
+
+    @classmethod
+    def for_optimizer(cls, optimizer, total_steps, momenta=None):
+        """Each group peaking at the lr it was made with."""
+        return cls(total_steps, tuple(float(group["lr"]) for group in optimizer.param_groups), momenta)
+
+    def phase(self, step):
+        """(0 while the lr rises, 1 after; the share of that phase done) at 0-based `step`."""
+        peak_step = float(self.WARM_UP * self.total_steps) - 1
+        if step <= peak_step:
+            return 0, step / peak_step
+        return 1, (step - peak_step) / (self.total_steps - 1 - peak_step)
+
+    def lrs(self, step):
+        phase, done = self.phase(step)
+        ends = [(peak / self.START_DIVISOR, peak, peak / self.START_DIVISOR / self.END_DIVISOR) for peak in self.peaks]
+        return [cosine(start, peak, done) if phase == 0 else cosine(peak, end, done) for start, peak, end in ends]
+
+    def momentum(self, step):
+        phase, done = self.phase(step)
+        low, high = self.momenta
+        return cosine(high, low, done) if phase == 0 else cosine(low, high, done)
+
+    def apply_to(self, optimizer, step):
+        """Put `step`'s lr (and momentum) in the optimizer; a graphed step's lr tensor is filled in place."""
+        for group, lr in zip(optimizer.param_groups, self.lrs(step)):
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+            if self.momenta is not None:
+                group["momentum"] = self.momentum(step)
 
 
-def current_lr(optimizer):
-    return float(optimizer.param_groups[0]["lr"])
+def cosine(start, end, done):
+    """From `start` to `end` along half a cosine as `done` goes from 0 to 1 (OneCycleLR's arithmetic, to the bit)."""
+    return end + (start - end) / 2.0 * (math.cos(math.pi * done) + 1)
 
 
 # ---- the loops ----
@@ -150,11 +183,9 @@ def train_one_epoch(run, show_progress=None):
     next_epoch_wanted = loader.prepares_ahead and epoch + 1 < run.config.epochs
     for step, (images, labels) in enumerate(batches, start_step):
         step_started = time.perf_counter()
+        run.schedule.apply_to(run.optimizer, epoch * loader.steps_per_epoch + step)
         train_step(images, labels)
         last_step = step + 1 == loader.steps_per_epoch
-        if last_step:  # the lr this step used, before the schedule moves past it (one read an epoch)
-            train_step.last_lr = current_lr(run.optimizer)
-        run.scheduler.step()
         if train_step.first_step_at is None:  # cudnn's tuning, and compilation with --compile: start-up, not training
             synchronize(runtime.device)
             train_step.first_step_at = time.time()
@@ -174,7 +205,8 @@ def train_one_epoch(run, show_progress=None):
                 stopped_at_step = step + 1
                 break
             stepping = time.perf_counter() - stepping_started - (train_step.setup_seconds - setup_at_start)
-            progress.report(step, loss_sum / (steps_done * len(labels)), current_lr(run.optimizer),
+            progress.report(step, loss_sum / (steps_done * len(labels)),
+                            run.schedule.lrs(epoch * loader.steps_per_epoch + step)[0],
                             images_done * runtime.world_size / max(stepping, 1e-9), stepping)
     progress.close()
     synchronize(runtime.device)
@@ -225,7 +257,7 @@ class Run:
     precision: str
     model: nn.Module  # what trains: possibly under DistributedDataParallel and torch.compile
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    schedule: OneCycle
     average: WeightAverage  # with --ema: the averaged weights, which are evaluated and saved; else None
     train_step: TrainStep
     train_loader: object
@@ -270,28 +302,28 @@ def build_run(config, runtime, loaders, run_dir=None, resumed=None):
     model = model.to(runtime.device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, config.lr, config.momentum, config.weight_decay, config.nesterov,
                                config.bn_bias_lr_scale)
-    momentum_bounds = None if config.min_momentum is None else (config.min_momentum, config.momentum)
-    scheduler = make_scheduler(optimizer, config.epochs * train_loader.steps_per_epoch, momentum_bounds)
+    momenta = None if config.min_momentum is None else (config.min_momentum, config.momentum)
+    schedule = OneCycle.for_optimizer(optimizer, config.epochs * train_loader.steps_per_epoch, momenta)
     average = WeightAverage(model, config.ema) if config.ema else None
     early_stopping = EarlyStopping(config.target_accuracy, config.patience)
     state = RunState()
     if resumed is not None:
         check_same_split(*resumed, val_loader)
-        state = restore(*resumed, model, optimizer, scheduler, average, early_stopping, runtime,
+        state = restore(*resumed, model, optimizer, average, early_stopping, runtime,
                         train_loader.steps_per_epoch, config.seed)
     if run_dir is not None and resumed is not None:  # the checkpoint fits: the folder may now take it in
         on_main_rank(runtime, lambda: run_dir.adopt(*resumed))
     training_model = distribute_model(model, runtime)
     if config.compile:
         training_model = torch.compile(training_model)
-    cuda_graphs = not config.no_cuda_graphs and momentum_bounds is None  # a captured step keeps its momentum
+    cuda_graphs = not config.no_cuda_graphs and momenta is None  # a captured step keeps its momentum
     sharpness = SharpnessAware(model, config.sam, config.asam) if config.sam else None
     train_step = make_train_step(training_model, optimizer, make_criterion(config.label_smoothing), runtime,
                                  precision, cuda_graphs, average, sharpness)
     tensorboard = None
     if config.tensorboard and run_dir is not None and runtime.is_main:
         tensorboard = open_tensorboard(run_dir.tensorboard)
-    return Run(config, runtime, precision, training_model, optimizer, scheduler, average, train_step, train_loader,
+    return Run(config, runtime, precision, training_model, optimizer, schedule, average, train_step, train_loader,
                val_loader, test_loader, run_dir, early_stopping, state, tensorboard, Interrupt(runtime.is_main))
 
 
@@ -356,7 +388,8 @@ def finish_epoch(run, train_result):
     epoch = state.epoch + 1
     row = {"epoch": epoch, "train_seconds": round(train_result.seconds, 3), "images": train_result.images,
            "train_loss": round(train_result.loss, 5), "train_top1": round(train_result.top1, 5),
-           "lr": run.train_step.last_lr, "images_per_sec": round(train_result.images_per_sec, 1)}
+           "lr": run.schedule.lrs(epoch * run.train_loader.steps_per_epoch - 1)[0],  # the epoch's last step's
+           "images_per_sec": round(train_result.images_per_sec, 1)}
     evaluation_seconds, is_best = 0.0, False
     if is_due(epoch, config.eval_every, config.epochs):
         evaluation_seconds, is_best = evaluate_epoch(run, row)

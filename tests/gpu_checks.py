@@ -13,7 +13,7 @@ from dataset_utils import EvalLoader, TrainLoader  # noqa: E402
 from device_utils import Runtime  # noqa: E402
 from model import build_model  # noqa: E402
 from train_step import SharpnessAware, WeightAverage, make_train_step  # noqa: E402
-from train_utils import build_run, make_criterion, make_optimizer, make_scheduler, train_one_epoch  # noqa: E402
+from train_utils import OneCycle, build_run, make_criterion, make_optimizer, train_one_epoch  # noqa: E402
 
 
 def two_identical_steps(graphed, criterion=None, rho=None):
@@ -35,11 +35,11 @@ def fixed_batches(count, size=64):
 
 def train_on(batches, step, optimizer):
     """One short epoch of `batches` through `step`, with its OneCycle schedule."""
-    scheduler = make_scheduler(optimizer, len(batches))
+    schedule = OneCycle.for_optimizer(optimizer, len(batches))
     step.start_epoch(0)
-    for images, labels in batches:
+    for index, (images, labels) in enumerate(batches):
+        schedule.apply_to(optimizer, index)
         step(images, labels)
-        scheduler.step()
     torch.cuda.synchronize()
 
 
@@ -87,13 +87,13 @@ def six_epochs_beside_their_preparation(step, optimizer):
     """Six epochs as train_one_epoch runs them, the next one prepared on a side stream; memory reserved after each."""
     loader = random_loader()
     epochs = 6
-    scheduler = make_scheduler(optimizer, epochs * loader.steps_per_epoch)
+    schedule = OneCycle.for_optimizer(optimizer, epochs * loader.steps_per_epoch)
     reserved = []
     for epoch in range(epochs):
         step.start_epoch(0)
         for index, (images, labels) in enumerate(loader.batches(epoch)):
+            schedule.apply_to(optimizer, epoch * loader.steps_per_epoch + index)
             step(images, labels)
-            scheduler.step()
             if index == 0:
                 loader.prepare(epoch + 1)
         torch.cuda.synchronize()
@@ -175,12 +175,12 @@ def check_the_captured_lr_follows_the_schedule():
         optimizer = make_optimizer(model, lr=0.2, nesterov=True)
         step = make_train_step(model, optimizer, make_criterion(), Runtime(torch.device("cuda")), "fp32",
                                cuda_graphs=graphed)
-        scheduler = make_scheduler(optimizer, len(batches))
+        schedule = OneCycle.for_optimizer(optimizer, len(batches))
         step.start_epoch(0)
-        for images, labels in batches:
+        for index, (images, labels) in enumerate(batches):
+            schedule.apply_to(optimizer, index)
             lrs.append(float(optimizer.param_groups[0]["lr"]))
             step(images, labels)
-            scheduler.step()
         torch.cuda.synchronize()
         assert graphed == (step.graph is not None), "the graph was not captured"
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))

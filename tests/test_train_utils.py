@@ -184,14 +184,31 @@ def test_momentum_stays_what_the_flag_says_through_the_one_cycle(cifar_dir):
     assert lrs[0] > lrs[1]  # the lr did cycle
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of")  # the schedule alone, no training
+@pytest.mark.parametrize("total_steps, momenta", [(390 * 100, None), (24 * 97, (0.85, 0.95)), (7, None), (2, None)])
+def test_the_schedule_is_torchs_one_cycle_to_the_bit_as_a_function_of_the_step(total_steps, momenta):
+    """OneCycleLR stepped along beside the function of the step, over two groups (the second a BatchNorm bias
+    group at 8 times the lr), from the first step to the last."""
+    groups = [{"params": [torch.zeros(1, requires_grad=True)], "lr": 0.1},
+              {"params": [torch.zeros(1, requires_grad=True)], "lr": 0.8}]
+    optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+    ours = train_utils.OneCycle.for_optimizer(optimizer, total_steps, momenta)
+    options = {"cycle_momentum": False} if momenta is None else {"base_momentum": momenta[0], "max_momentum": momenta[1]}
+    reference = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[0.1, 0.8], total_steps=total_steps, **options)
+    for step in range(total_steps):
+        assert ours.lrs(step) == [group["lr"] for group in optimizer.param_groups], step  # equal, not approximately
+        if momenta is not None:
+            assert ours.momentum(step) == optimizer.param_groups[0]["momentum"], step
+        optimizer.step()
+        reference.step()
+
+
 def test_with_min_momentum_the_momentum_cycles_against_the_lr_between_the_bounds(cifar_dir):
     run = tiny_run(cifar_dir, "--momentum", 0.9, "--min-momentum", 0.8, "--epochs", 25)
     momenta, lrs = [], []
-    for _ in range(25 * run.train_loader.steps_per_epoch):
+    for step in range(25 * run.train_loader.steps_per_epoch):
+        run.schedule.apply_to(run.optimizer, step)
         momenta.append(run.optimizer.param_groups[0]["momentum"])
         lrs.append(run.optimizer.param_groups[0]["lr"])
-        run.scheduler.step()
     peak = lrs.index(max(lrs))
     assert momenta[0] == pytest.approx(0.9) and momenta[peak] == pytest.approx(0.8)
     assert all(0.8 - 1e-9 <= momentum <= 0.9 + 1e-9 for momentum in momenta)
@@ -447,11 +464,11 @@ def test_batchnorm_biases_take_the_scaled_lr_and_the_same_decay_per_step(cifar_d
     assert [id(p) for p in biases["params"]] == [id(module.bias) for module in batchnorms]
     assert len(others["params"]) + len(biases["params"]) == len(list(run.model.parameters()))
     assert biases["weight_decay"] * biases["lr"] == pytest.approx(others["weight_decay"] * others["lr"])
-    for _ in range(2 * run.train_loader.steps_per_epoch):  # the whole OneCycle keeps the ratio
+    for step in range(2 * run.train_loader.steps_per_epoch):  # the whole OneCycle keeps the ratio
+        run.schedule.apply_to(run.optimizer, step)
         assert biases["lr"] == pytest.approx(8 * others["lr"])
         run.optimizer.step()
-        run.scheduler.step()
-    assert max(biases["max_lr"], others["max_lr"]) == pytest.approx(8 * 0.05)
+    assert max(run.schedule.peaks) == pytest.approx(8 * 0.05)
 
 
 def test_a_batchnorm_bias_moves_by_the_sgd_formula_at_its_scaled_lr(cifar_dir):
