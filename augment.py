@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from auto_augment import PolicyPlan, apply_policy, draw_policy, grayscale, plan_policy
+from config import Augmentation
 
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
@@ -103,24 +104,6 @@ def cutout(images, centres, size):
     return images * keep[:, None].to(images.dtype)
 
 
-@dataclass(frozen=True)
-class Augmentation:
-    """How training images are augmented beyond the random crop and flip; every part is off by default."""
-
-    cutout: int = 0  # the side of the square Cutout zeroes
-    mixup: float = 0.0  # Beta(alpha, alpha) of the mixup weights
-    cutmix: float = 0.0  # Beta(alpha, alpha) of the CutMix box shares
-    cutmix_prob: float = 1.0  # the chance a batch is CutMix; the others are mixed up with --mixup, else left
-    policy: str = None  # "ta_wide" or "ra": replaces the rotation and colour jitter
-    num_ops: int = 2  # RandAugment's ops per image
-    magnitude: int = 9  # RandAugment's magnitude bin
-    flip: str = "random"  # "random": each image's own coin every epoch; "alternate": mirrored every other epoch
-
-    @property
-    def mixes(self):
-        return self.mixup > 0 or self.cutmix > 0
-
-
 @dataclass
 class AugmentationPlan:
     """Every random choice of one epoch, one row per image position in the epoch's order."""
@@ -134,6 +117,21 @@ class AugmentationPlan:
     cutout_centres: torch.Tensor  # (N, 2) in [0, 32): used only with --cutout
     mixing: "MixPlan" = None  # with --mixup or --cutmix
     policy: PolicyPlan = None  # with --auto-augment
+
+    def to(self, device):
+        """The plan on `device`, every part copied once (from pinned memory to a GPU, so that no copy waits for
+        the work already queued on the stream)."""
+        def moved(tensor):
+            if torch.device(device).type == "cuda":
+                tensor = tensor.pin_memory()
+            return tensor.to(device, non_blocking=True)
+
+        def part_moved(part):
+            return part and type(part)(*map(moved, vars(part).values()))
+
+        return AugmentationPlan(*map(moved, (self.order, self.crop_offsets, self.flip, self.degrees,
+                                             self.jitter_factors, self.jitter_order, self.cutout_centres)),
+                                part_moved(self.mixing), part_moved(self.policy))
 
 
 @dataclass
@@ -152,11 +150,10 @@ class MixPlan:
     partners: torch.Tensor  # (steps, batch): a permutation of each batch (this process's share under torchrun)
 
 
-def plan_epoch(num_images, steps, seed, epoch, device, augmentation=Augmentation(), batch_size=None):
-    """Draw an epoch's plan on the CPU, so a seed gives the same run on every device, then move it once.
-
-    `batch_size` is the batch each process trains on, whose images mixing pairs (default: one process).
-    """
+def plan_epoch(num_images, steps, seed, epoch, augmentation=Augmentation(), batch_size=None):
+    """Draw an epoch's plan on the CPU, so that a seed gives the same run on every device (`AugmentationPlan.to`
+    moves it once). `batch_size` is the batch each process trains on, whose images mixing pairs (default: one
+    process)."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(num_images, generator=generator)
     crop_offsets = torch.randint(0, 2 * CROP_PADDING + 1, (num_images, 2), generator=generator)
@@ -169,22 +166,13 @@ def plan_epoch(num_images, steps, seed, epoch, device, augmentation=Augmentation
     mixing = policy = None
     if augmentation.mixes:
         mixing = plan_mixing(steps, batch_size or num_images // steps, augmentation, generator)
-    if augmentation.policy:
-        policy = plan_policy(*draw_policy(num_images, augmentation.policy, augmentation.num_ops,
-                                          augmentation.magnitude, generator))
+    if augmentation.auto_augment:
+        policy = plan_policy(*draw_policy(num_images, augmentation.auto_augment, generator,
+                                          num_ops=augmentation.ra_num_ops, magnitude=augmentation.ra_magnitude))
     if augmentation.flip == "alternate":
         flip = alternating_flips(num_images, seed, epoch)[order]
-
-    def to_device(tensor):
-        if torch.device(device).type == "cuda":  # from pageable memory a copy would wait for the stream's work
-            tensor = tensor.pin_memory()
-        return tensor.to(device, non_blocking=True)
-
-    def parts_to_device(plan):
-        return plan and type(plan)(*map(to_device, vars(plan).values()))
-
-    return AugmentationPlan(*map(to_device, (order, crop_offsets, flip, degrees, jitter_factors, jitter_order,
-                                             cutout_centres)), parts_to_device(mixing), parts_to_device(policy))
+    return AugmentationPlan(order, crop_offsets, flip, degrees, jitter_factors, jitter_order, cutout_centres, mixing,
+                            policy)
 
 
 def alternating_flips(num_images, seed, epoch):

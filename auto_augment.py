@@ -52,7 +52,7 @@ class PolicyPlan:
     level_step: torch.Tensor  # (N, ops) posterize: grey levels are rounded down to multiples of this
 
 
-def draw_policy(num_images, policy, num_ops, magnitude, generator, size=32):
+def draw_policy(num_images, policy, generator, num_ops=2, magnitude=9, size=32):
     """Every image's ops and their magnitudes (float64), (N, ops) each: TrivialAugment-Wide draws one op and a bin
     per image; RandAugment draws `num_ops` ops per image at the fixed bin `magnitude`. A signed op's magnitude is
     negated with chance 1/2."""

@@ -111,7 +111,8 @@ def bench_one(name, batch_size, precision, args, device):
         for _ in range(args.steps):
             run.train_step(fixed_images, fixed_labels)
 
-    plan = plan_epoch(len(loader.images), loader.steps_per_epoch, 0, 0, device, loader.augmentation, batch_size)
+    plan = plan_epoch(len(loader.images), loader.steps_per_epoch, 0, 0, augmentation=loader.augmentation,
+                      batch_size=batch_size).to(device)
     (first_epoch_seconds,) = time_runs(device, epoch, 1)
     epoch_seconds = time_runs(device, epoch, args.repeats)
     step_seconds = time_runs(device, bare_steps, args.repeats)

@@ -11,6 +11,25 @@ from cli import (FRACTION, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT,
 from run_dir import CheckpointError
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """How training images are augmented beyond the random crop and flip, by the flags' names (a part of `Config`);
+    every part is off by default."""
+
+    cutout: int = 0  # the side of the square Cutout zeroes
+    mixup: float = 0.0  # Beta(alpha, alpha) of the mixup weights
+    cutmix: float = 0.0  # Beta(alpha, alpha) of the CutMix box shares
+    cutmix_prob: float = 1.0  # the chance a batch is CutMix; the others are mixed up with --mixup, else left
+    auto_augment: str | None = None  # "ta_wide" or "ra": replaces the rotation and colour jitter
+    ra_num_ops: int = 2  # RandAugment's ops per image
+    ra_magnitude: int = 9  # RandAugment's magnitude bin
+    flip: str = "random"  # "random": each image's own coin every epoch; "alternate": mirrored every other epoch
+
+    @property
+    def mixes(self):
+        return self.mixup > 0 or self.cutmix > 0
+
+
 def may_change():
     """A recipe setting that --resume (or --evaluate) may change; not given, it stays the checkpoint's."""
     return field(metadata={"on_resume": "may change"})
@@ -101,9 +120,7 @@ class Config:
 
     @property
     def augmentation(self):
-        from augment import Augmentation  # torch: loaded only where the data is built
-        return Augmentation(self.cutout, self.mixup, self.cutmix, self.cutmix_prob, self.auto_augment,
-                            self.ra_num_ops, self.ra_magnitude, self.flip)
+        return Augmentation(**{part.name: getattr(self, part.name) for part in fields(Augmentation)})
 
     @property
     def test_views(self):

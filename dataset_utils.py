@@ -247,8 +247,9 @@ class TrainLoader:
     last incomplete batch is dropped to keep shapes static.
     """
 
-    def __init__(self, images, labels, batch_size, seed=0, rank=0, world_size=1, dtype=torch.float32,
-                 augmentation=Augmentation()):
+    def __init__(self, images, labels, batch_size, seed=0, augmentation=Augmentation(), shard=(0, 1),
+                 dtype=torch.float32):
+        rank, world_size = shard  # this process's rank, and how many there are
         if batch_size % world_size:
             raise DataError(f"batch size {batch_size} does not split evenly over {world_size} processes")
         if batch_size > len(images):
@@ -272,8 +273,8 @@ class TrainLoader:
 
     def augmented(self, epoch, start_step=0):
         """This rank's augmented images and targets of steps start_step.. of `epoch`."""
-        plan = plan_epoch(len(self.images), self.steps_per_epoch, self.seed, epoch, self.images.device,
-                          self.augmentation, self.images_per_rank_step)
+        plan = plan_epoch(len(self.images), self.steps_per_epoch, self.seed, epoch, self.augmentation,
+                          self.images_per_rank_step).to(self.images.device)
         return self.augment_epoch(plan, start_step), self.epoch_targets(plan, start_step)
 
     def augment_epoch(self, plan, start_step=0):
@@ -287,7 +288,8 @@ class TrainLoader:
             chunk = steps[first:first + chunk_steps]
             positions = self.positions(chunk).flatten()
             orders = plan.jitter_order[chunk.start:chunk.stop].repeat_interleave(per_rank, dim=0)
-            images = augment(self.images[plan.order[positions]], plan, positions, orders, self.augmentation.cutout)
+            images = augment(self.images[plan.order[positions]], plan, positions, orders,
+                             cutout_size=self.augmentation.cutout)
             if plan.mixing is not None:
                 rows = MixPlan(*(part[chunk.start:chunk.stop] for part in vars(plan.mixing).values()))
                 images = mix_images(images.view(len(chunk), per_rank, *images.shape[1:]), rows).flatten(0, 1)
@@ -339,7 +341,8 @@ class EvalLoader:
     """Normalised, unaugmented batches, prepared once in `dtype`; under torchrun each rank takes every
     world_size-th image."""
 
-    def __init__(self, images, labels, batch_size=1000, rank=0, world_size=1, dtype=torch.float32):
+    def __init__(self, images, labels, batch_size=1000, shard=(0, 1), dtype=torch.float32):
+        rank, world_size = shard
         images = normalize(images[rank::world_size].float().div_(255)).to(dtype)
         self.images = images.contiguous(memory_format=torch.channels_last)
         self.labels = labels[rank::world_size]
@@ -384,28 +387,12 @@ def split_fingerprint(indices, images, labels):
     return digest.hexdigest()[:16]
 
 
-@dataclass
-class DataConfig:
-    """What the loaders need to know about a run."""
-
-    batch_size: int
-    data_dir: str = "data"
-    download: bool = True
-    device: str = "cpu"
-    seed: int = 0
-    rank: int = 0
-    world_size: int = 1
-    test_batch_size: int = 1000
-    val_size: int = 0
-    augmentation: Augmentation = Augmentation()
-    dtype: torch.dtype = torch.float32
-
-
-def load_cifar100(config, arrays=None):
-    """CIFAR-100 onto the device, read now unless `arrays` were; returns (train_loader, val_loader or None,
-    test_loader)."""
-    arrays = arrays or read_cifar100(config.data_dir, config.download)
-    device = torch.device(config.device)
+def load_cifar100(config, runtime, arrays=None):
+    """CIFAR-100 onto the runtime's device for a run with these settings (a `Config`), in the dtype it computes in,
+    read now unless `arrays` were; returns (train_loader, val_loader or None, test_loader)."""
+    arrays = arrays or read_cifar100(config.data_dir, not config.no_download)
+    device, shard = runtime.device, (runtime.rank, runtime.world_size)
+    dtype = input_dtype(resolve_precision(device, config.precision))
     images, labels = arrays.train_images, arrays.train_labels
     val = None
     if config.val_size:
@@ -413,13 +400,13 @@ def load_cifar100(config, arrays=None):
             raise DataError(f"--val-size {config.val_size} leaves no training images (there are {len(labels)})")
         train_indices, val_indices = split_validation(labels, config.val_size)
         val = EvalLoader(images[val_indices].to(device), labels[val_indices].to(device), config.test_batch_size,
-                         config.rank, config.world_size, config.dtype)
+                         shard=shard, dtype=dtype)
         val.fingerprint = split_fingerprint(val_indices, images[val_indices], labels[val_indices])
         images, labels = images[train_indices], labels[train_indices]
-    train = TrainLoader(images.to(device), labels.to(device), config.batch_size, config.seed, config.rank,
-                        config.world_size, config.dtype, config.augmentation)
+    train = TrainLoader(images.to(device), labels.to(device), config.batch_size, seed=config.seed,
+                        augmentation=config.augmentation, shard=shard, dtype=dtype)
     test = EvalLoader(arrays.test_images.to(device), arrays.test_labels.to(device), config.test_batch_size,
-                      config.rank, config.world_size, config.dtype)
+                      shard=shard, dtype=dtype)
     train.classes = test.classes = arrays.classes
     return train, val, test
 
@@ -445,16 +432,3 @@ class DataReader:
 
     def arrays(self):
         return self.future.result() if self.future is not None else self.read()
-
-
-def load_run_data(config, runtime, reader):
-    """A run's loaders (as `load_cifar100`) on its device, from the arrays `reader` has read, in the dtype the run
-    computes in; their start-up times go to the runtime's record."""
-    arrays = reader.arrays()
-    started = time.perf_counter()
-    loaders = load_cifar100(DataConfig(
-        config.batch_size, config.data_dir, not config.no_download, runtime.device, config.seed, runtime.rank,
-        runtime.world_size, config.test_batch_size, config.val_size, config.augmentation,
-        input_dtype(resolve_precision(runtime.device, config.precision))), arrays)
-    runtime.startup.update({"reading the data": reader.seconds, "data to the device": time.perf_counter() - started})
-    return loaders

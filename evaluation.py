@@ -77,7 +77,7 @@ def evaluate_checkpoint(checkpoint, path, config, runtime, arrays):
     """--evaluate: test a checkpoint's model on the test set and print its accuracy next to the stored best."""
     model = model_from_checkpoint(checkpoint, path, runtime.device)
     test_loader = EvalLoader(arrays.test_images.to(runtime.device), arrays.test_labels.to(runtime.device),
-                             config.test_batch_size, runtime.rank, runtime.world_size)
+                             config.test_batch_size, shard=(runtime.rank, runtime.world_size))
     result = evaluate(model, test_loader, runtime, resolve_precision(runtime.device, config.precision),
                       config.test_views)
     if runtime.is_main:

@@ -112,7 +112,7 @@ def run(args, explicit):
 def train(args, explicit, runtime, reader):
     """The run folder claimed (the lock before any read), the settings (a resume's merged with its checkpoint's),
     the data on the device, the run built and fitted, then tested and summed up; returns the exit code."""
-    from dataset_utils import load_run_data
+    from dataset_utils import load_cifar100
     from device_utils import DeviceError, on_main_rank
     from evaluation import test_final_and_best
     from train_step import NonFiniteLossError
@@ -128,7 +128,9 @@ def train(args, explicit, runtime, reader):
         config = replace(config, checkpoint_dir=str(folder))
         if config.sync_bn and runtime.device.type != "cuda":
             raise DeviceError("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU implementation)")
-        loaders = load_run_data(config, runtime, reader)
+        arrays, started = reader.arrays(), time.perf_counter()
+        loaders = load_cifar100(config, runtime, arrays)
+        runtime.startup.update({"reading the data": reader.seconds, "data to the device": time.perf_counter() - started})
         started = time.perf_counter()
         run = build_run(config, runtime, loaders, run_dir, resumed)
         runtime.startup["model"] = time.perf_counter() - started

@@ -78,6 +78,13 @@ def tiny_run_args(cifar_dir, checkpoint_dir, *extra):
             "--batch-size", "16", *map(str, extra)]
 
 
+def run_settings(cifar_dir, *flags):
+    """The `Config` of `python train.py FLAGS` on the data in `cifar_dir`, on the CPU."""
+    from config import Config, parse_args
+    return Config.from_flags(parse_args(["--data-dir", str(cifar_dir), "--no-download", "--device", "cpu",
+                                         *map(str, flags)])[0])
+
+
 def load_weights(path):
     import torch
     return torch.load(path, weights_only=True)["model"]

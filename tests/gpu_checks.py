@@ -7,8 +7,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from augment import Augmentation  # noqa: E402
-from config import Config, parse_args  # noqa: E402
+from config import Augmentation, Config, parse_args  # noqa: E402
 from dataset_utils import EvalLoader, TrainLoader  # noqa: E402
 from device_utils import Runtime  # noqa: E402
 from model import build_model  # noqa: E402
@@ -152,7 +151,7 @@ def check_eager_steps_beside_the_next_epochs_preparation_train_as_on_demand():
 def check_preparing_an_epoch_never_waits_for_the_host():
     """Every policy, with Cutout and mixing, prepared on the side stream with any host sync an error."""
     for policy in (None, "ta_wide", "ra"):
-        loader = random_loader(augmentation=Augmentation(cutout=8, mixup=0.2, cutmix=1.0, policy=policy))
+        loader = random_loader(augmentation=Augmentation(cutout=8, mixup=0.2, cutmix=1.0, auto_augment=policy))
         loader.prepare(0)  # constants made once per device, and the side stream: the set-up, not an epoch's work
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -198,7 +197,8 @@ def check_an_epoch_prepared_on_a_side_stream_matches_one_made_on_demand():
 
     def loader():
         return TrainLoader(images, labels, 256, seed=1, dtype=torch.bfloat16,
-                           augmentation=Augmentation(cutout=8, mixup=0.2, cutmix=1.0, cutmix_prob=0.5, policy="ta_wide"))
+                           augmentation=Augmentation(cutout=8, mixup=0.2, cutmix=1.0, cutmix_prob=0.5,
+                                                     auto_augment="ta_wide"))
 
     expected = [(batch.clone(), targets.clone()) for batch, targets in loader().batches(1)]
     ahead = loader()

@@ -62,7 +62,7 @@ def test_each_op_at_several_magnitudes_equals_torchvision_image_by_image(policy,
 def test_each_image_gets_its_own_ops_in_one_batch(policy, monkeypatch):
     monkeypatch.setattr(auto_augment, "SLICE_IMAGES", 7)  # large batches go through in slices: uneven ones here
     images = sample_images().repeat(4, 1, 1, 1)
-    op, magnitude = draw_policy(len(images), policy, 2, 9, torch.Generator().manual_seed(1))
+    op, magnitude = draw_policy(len(images), policy, torch.Generator().manual_seed(1))
     assert len(set(op[:, 0].tolist())) > 8  # many different ops in the one batch
     ours = apply_policy(images.float(), plan_policy(op, magnitude))
     for result, image, ops, magnitudes in zip(ours, images, op, magnitude):
@@ -74,7 +74,7 @@ def test_each_image_gets_its_own_ops_in_one_batch(policy, monkeypatch):
 
 def test_trivial_augment_draws_ops_bins_and_signs_uniformly_per_image():
     count = 140_000
-    op, magnitude = draw_policy(count, "ta_wide", 2, 9, torch.Generator().manual_seed(0))
+    op, magnitude = draw_policy(count, "ta_wide", torch.Generator().manual_seed(0))
     assert op.shape == magnitude.shape == (count, 1)
     shares = torch.bincount(op[:, 0], minlength=len(OPS)) / count
     assert (shares - 1 / len(OPS)).abs().max() < 0.005
@@ -90,7 +90,7 @@ def test_trivial_augment_draws_ops_bins_and_signs_uniformly_per_image():
 
 
 def test_rand_augment_draws_num_ops_ops_at_its_magnitude():
-    op, magnitude = draw_policy(20_000, "ra", 3, 20, torch.Generator().manual_seed(0))
+    op, magnitude = draw_policy(20_000, "ra", torch.Generator().manual_seed(0), num_ops=3, magnitude=20)
     assert op.shape == (20_000, 3)
     table = magnitude_table("ra")
     assert torch.equal(magnitude.abs(), table[op, 20])

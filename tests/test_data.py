@@ -10,10 +10,15 @@ from torch.overrides import TorchFunctionMode
 import auto_augment
 import dataset_utils
 from auto_augment import grayscale
-from augment import (CIFAR100_MEAN, CIFAR100_STD, Augmentation, augment, color_jitter, cutmix_boxes, cutout,
-                     horizontal_flip, plan_epoch, random_crop, rotate)
-from dataset_utils import (ARCHIVE_NAME, DataConfig, DataError, EvalLoader, TrainLoader, load_cifar100, normalize,
+from augment import (CIFAR100_MEAN, CIFAR100_STD, augment, color_jitter, cutmix_boxes, cutout, horizontal_flip,
+                     plan_epoch, random_crop, rotate)
+from config import Augmentation
+from conftest import run_settings
+from dataset_utils import (ARCHIVE_NAME, DataError, EvalLoader, TrainLoader, load_cifar100, normalize,
                            read_cifar100, split_validation)
+from device_utils import Runtime
+
+CPU = Runtime(torch.device("cpu"))
 
 
 def random_batch(size=8, seed=0):
@@ -216,7 +221,7 @@ def test_normalize_uses_cifar100_mean_and_std():
 
 
 def test_epoch_plan_draws_in_the_specified_ranges():
-    plan = plan_epoch(5000, steps=10, seed=3, epoch=1, device="cpu")
+    plan = plan_epoch(5000, steps=10, seed=3, epoch=1)
     assert sorted(plan.order.tolist()) == list(range(5000))
     assert plan.crop_offsets.min() == 0 and plan.crop_offsets.max() == 8
     assert 0.45 < plan.flip.float().mean() < 0.55
@@ -226,8 +231,8 @@ def test_epoch_plan_draws_in_the_specified_ranges():
 
 
 def test_epoch_plan_depends_only_on_seed_and_epoch():
-    first, again = plan_epoch(100, 4, 7, 2, "cpu"), plan_epoch(100, 4, 7, 2, "cpu")
-    other_epoch = plan_epoch(100, 4, 7, 3, "cpu")
+    first, again = plan_epoch(100, 4, 7, 2), plan_epoch(100, 4, 7, 2)
+    other_epoch = plan_epoch(100, 4, 7, 3)
     assert torch.equal(first.order, again.order) and torch.equal(first.degrees, again.degrees)
     assert not torch.equal(first.order, other_epoch.order)
 
@@ -254,7 +259,7 @@ class HostToDeviceCopies(TorchFunctionMode):
 
 
 @pytest.mark.parametrize("augmentation", [
-    Augmentation(), Augmentation(policy="ta_wide", cutout=8), Augmentation(policy="ra", mixup=0.2, cutmix=1.0)],
+    Augmentation(), Augmentation(auto_augment="ta_wide", cutout=8), Augmentation(auto_augment="ra", mixup=0.2, cutmix=1.0)],
     ids=["default", "ta_wide", "ra-mixing"])
 def test_preparing_an_epoch_copies_only_its_plan_to_the_device_whatever_its_size(augmentation, monkeypatch):
     """The epoch's plan goes to the device once; no chunk or policy slice adds a copy of its own. The "meta" device
@@ -271,7 +276,7 @@ def test_preparing_an_epoch_copies_only_its_plan_to_the_device_whatever_its_size
         return copies.count
 
     copies_of_prepare(64)  # constants made once per device
-    plan = plan_epoch(64, 2, 0, 0, "cpu", augmentation, 32)
+    plan = plan_epoch(64, 2, 0, 0, augmentation=augmentation, batch_size=32)
     plan_tensors = sum(isinstance(value, torch.Tensor) for part in (plan, plan.mixing, plan.policy) if part is not None
                        for value in vars(part).values())
     assert copies_of_prepare(256) == copies_of_prepare(1024) == plan_tensors
@@ -282,7 +287,7 @@ def test_alternating_flip_mirrors_as_airbench_and_leaves_every_other_draw():
     set again in every odd epoch. Here the random half is the one epoch 0 draws."""
     images = random_batch(500, seed=4)
     alternate = Augmentation(flip="alternate")
-    plans = [plan_epoch(500, 5, 3, epoch, "cpu", alternate) for epoch in range(4)]
+    plans = [plan_epoch(500, 5, 3, epoch, augmentation=alternate) for epoch in range(4)]
     first_half = torch.empty(500, dtype=torch.bool)
     first_half[plans[0].order] = plans[0].flip
     assert 0.4 < first_half.float().mean() < 0.6
@@ -290,9 +295,9 @@ def test_alternating_flip_mirrors_as_airbench_and_leaves_every_other_draw():
     for epoch, plan in enumerate(plans):
         reference = pre_flipped.flip(-1) if epoch % 2 else pre_flipped
         assert torch.equal(horizontal_flip(images[plan.order], plan.flip), reference[plan.order])
-        random_flip = plan_epoch(500, 5, 3, epoch, "cpu")
+        random_flip = plan_epoch(500, 5, 3, epoch)
         assert torch.equal(plan.order, random_flip.order) and torch.equal(plan.degrees, random_flip.degrees)
-    other_seed = plan_epoch(500, 5, 4, 0, "cpu", alternate)
+    other_seed = plan_epoch(500, 5, 4, 0, augmentation=alternate)
     assert not torch.equal(plans[0].flip[plans[0].order.argsort()], other_seed.flip[other_seed.order.argsort()])
 
 
@@ -300,7 +305,7 @@ def test_alternating_flip_mirrors_as_airbench_and_leaves_every_other_draw():
 
 
 def test_loaders_yield_normalised_channels_last_batches(cifar_dir):
-    train, _, test = load_cifar100(DataConfig(16, cifar_dir, download=False, test_batch_size=10))
+    train, _, test = load_cifar100(run_settings(cifar_dir, "--batch-size", 16, "--test-batch-size", 10), CPU)
     batches = list(train.batches(epoch=0))
     assert len(batches) == train.steps_per_epoch == 4
     images, labels = batches[0]
@@ -325,7 +330,7 @@ def test_training_epoch_visits_each_image_once_in_a_seeded_order(cifar_dir):
 def test_ranks_take_disjoint_slices_of_each_global_batch(cifar_dir):
     arrays = read_cifar100(cifar_dir, download=False)
     whole = TrainLoader(arrays.train_images, torch.arange(64), batch_size=16, seed=1)
-    ranks = [TrainLoader(arrays.train_images, torch.arange(64), batch_size=16, seed=1, rank=r, world_size=2)
+    ranks = [TrainLoader(arrays.train_images, torch.arange(64), batch_size=16, seed=1, shard=(r, 2))
              for r in range(2)]
     for (whole_images, whole_labels), (images0, labels0), (images1, labels1) in zip(
             whole.batches(0), ranks[0].batches(0), ranks[1].batches(0)):
@@ -337,13 +342,13 @@ def test_ranks_take_disjoint_slices_of_each_global_batch(cifar_dir):
 def test_test_shards_cover_the_test_set_once(cifar_dir):
     arrays = read_cifar100(cifar_dir, download=False)
     labels = torch.arange(32)
-    shards = [torch.cat([y for _, y in EvalLoader(arrays.test_images, labels, 5, rank=r, world_size=2)])
+    shards = [torch.cat([y for _, y in EvalLoader(arrays.test_images, labels, 5, shard=(r, 2))])
               for r in range(2)]
     assert sorted(torch.cat(shards).tolist()) == list(range(32))
 
 
 @pytest.mark.parametrize("augmentation", [Augmentation(), Augmentation(mixup=0.5, cutmix=1.0, cutmix_prob=0.5),
-                                          Augmentation(policy="ra", cutout=16)])
+                                          Augmentation(auto_augment="ra", cutout=16)])
 def test_resuming_mid_epoch_serves_the_remaining_batches(cifar_dir, augmentation):
     arrays = read_cifar100(cifar_dir, download=False)
     loader = TrainLoader(arrays.train_images, arrays.train_labels, batch_size=16, seed=2, augmentation=augmentation)
@@ -359,7 +364,7 @@ def test_a_prepared_epoch_is_served_as_it_would_be_augmented_on_demand(cifar_dir
 
     def loader():
         return TrainLoader(arrays.train_images, arrays.train_labels, batch_size=16, seed=2,
-                           augmentation=Augmentation(mixup=0.5, cutmix=1.0, cutmix_prob=0.5, policy="ta_wide"))
+                           augmentation=Augmentation(mixup=0.5, cutmix=1.0, cutmix_prob=0.5, auto_augment="ta_wide"))
 
     expected = list(loader().batches(epoch=2))
 
@@ -381,7 +386,7 @@ def test_a_prepared_epoch_is_served_as_it_would_be_augmented_on_demand(cifar_dir
 
 def test_batch_larger_than_the_data_is_refused(cifar_dir):
     with pytest.raises(DataError, match="larger than the 64 training images"):
-        load_cifar100(DataConfig(128, cifar_dir, download=False))
+        load_cifar100(run_settings(cifar_dir, "--batch-size", 128), CPU)
 
 
 def test_augmented_batches_keep_shape_dtype_and_plausible_statistics():
@@ -399,7 +404,7 @@ def test_an_epoch_augmented_at_once_equals_batch_by_batch_augmentation(monkeypat
     images = (torch.rand(96, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 255).to(torch.uint8)
     monkeypatch.setattr(dataset_utils, "AUGMENT_CHUNK_IMAGES", 32)  # several chunks, each with several jitter orders
     loader = TrainLoader(images, torch.arange(96), batch_size=8, seed=4, augmentation=Augmentation(cutout=8))
-    plan = plan_epoch(96, loader.steps_per_epoch, 4, 2, "cpu", loader.augmentation)
+    plan = plan_epoch(96, loader.steps_per_epoch, 4, 2, augmentation=loader.augmentation)
     for step, (batch, labels) in enumerate(loader.batches(epoch=2)):
         positions = loader.positions(range(step, step + 1))[0]
         expected = augment(images[plan.order[positions]], plan, positions, plan.jitter_order[step], cutout_size=8)
@@ -436,7 +441,7 @@ def test_cutout_cuts_what_the_papers_code_cuts(length):
 
 def test_cutout_fills_with_the_mean_colour_after_normalisation():
     images = (torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
-    plan = plan_epoch(8, 1, 0, 0, "cpu", Augmentation(cutout=16))
+    plan = plan_epoch(8, 1, 0, 0, augmentation=Augmentation(cutout=16))
     positions = torch.arange(8)
     with_hole = augment(images[plan.order], plan, positions, plan.jitter_order[0], cutout_size=16)
     without = augment(images[plan.order], plan, positions, plan.jitter_order[0])
@@ -445,7 +450,7 @@ def test_cutout_fills_with_the_mean_colour_after_normalisation():
 
 
 def test_cutout_centres_cover_the_whole_image():
-    plan = plan_epoch(20_000, 1, 0, 0, "cpu")
+    plan = plan_epoch(20_000, 1, 0, 0)
     assert plan.cutout_centres.min() == 0 and plan.cutout_centres.max() == 31
 
 
@@ -462,7 +467,7 @@ def test_the_validation_split_is_class_balanced_fixed_and_disjoint():
 
 
 def test_load_cifar100_holds_the_validation_images_out_of_training(cifar_dir):
-    train, val, test = load_cifar100(DataConfig(8, cifar_dir, download=False, val_size=20))
+    train, val, test = load_cifar100(run_settings(cifar_dir, "--batch-size", 8, "--val-size", 20), CPU)
     assert len(train.images) == 44 and len(val.images) == 20 and len(test.images) == 32
     arrays = read_cifar100(cifar_dir, download=False)
     _, val_indices = split_validation(arrays.train_labels, 20)
@@ -480,8 +485,8 @@ def mixed_and_plain_epochs(**mixing):
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (STEPS * BATCH, 3, 32, 32), dtype=torch.uint8, generator=generator)
     loader = TrainLoader(images, torch.randint(0, 100, (STEPS * BATCH,), generator=generator), BATCH, seed=3)
-    plan = plan_epoch(STEPS * BATCH, STEPS, 3, 0, "cpu", Augmentation(**mixing), BATCH)
-    plain_plan = plan_epoch(STEPS * BATCH, STEPS, 3, 0, "cpu")  # mixing is drawn last: every other draw is the same
+    plan = plan_epoch(STEPS * BATCH, STEPS, 3, 0, augmentation=Augmentation(**mixing), batch_size=BATCH)
+    plain_plan = plan_epoch(STEPS * BATCH, STEPS, 3, 0)  # mixing is drawn last: every other draw is the same
     mixed, plain = loader.augment_epoch(plan), loader.augment_epoch(plain_plan)
     shape = (STEPS, BATCH, 3, 32, 32)
     return mixed.view(shape), plain.view(shape), plan, loader.epoch_targets(plan), loader.epoch_targets(plain_plan)
@@ -503,7 +508,7 @@ def assert_targets_share_by_weight(targets, labels, mixing):
 
 
 def test_each_batch_pairs_its_images_by_its_own_random_permutation():
-    plan = plan_epoch(64 * 50, 50, 0, 0, "cpu", Augmentation(mixup=1.0), batch_size=64)
+    plan = plan_epoch(64 * 50, 50, 0, 0, augmentation=Augmentation(mixup=1.0), batch_size=64)
     partners = plan.mixing.partners
     assert all(sorted(row.tolist()) == list(range(64)) for row in partners)
     assert len({tuple(row.tolist()) for row in partners}) == 50  # a new pairing each batch
@@ -555,11 +560,11 @@ def test_cutmix_boxes_are_cut_as_the_cutmix_authors_code_cuts_them():
 
 
 def test_cutmix_prob_leaves_the_other_batches_unmixed_or_mixes_them_up():
-    alone = plan_epoch(4000, 400, 0, 0, "cpu", Augmentation(cutmix=1.0, cutmix_prob=0.5), batch_size=10).mixing
+    alone = plan_epoch(4000, 400, 0, 0, augmentation=Augmentation(cutmix=1.0, cutmix_prob=0.5), batch_size=10).mixing
     is_cutmix = alone.boxes.any(1)  # a box of side 0 or 1 cuts nothing, and an unmixed step has none at all
     assert 0.4 < is_cutmix.float().mean() < 0.6
     assert (alone.weights[~is_cutmix] == 1).all() and (alone.blend == 1).all()  # the others: left as they are
-    both = plan_epoch(4000, 400, 0, 0, "cpu", Augmentation(mixup=0.2, cutmix=1.0, cutmix_prob=0.5), batch_size=10).mixing
+    both = plan_epoch(4000, 400, 0, 0, augmentation=Augmentation(mixup=0.2, cutmix=1.0, cutmix_prob=0.5), batch_size=10).mixing
     is_cutmix = both.boxes.any(1)
     assert 0.4 < is_cutmix.float().mean() < 0.6
     assert (both.blend[is_cutmix] == 1).all() and (both.boxes[~is_cutmix] == 0).all()
@@ -569,7 +574,7 @@ def test_cutmix_prob_leaves_the_other_batches_unmixed_or_mixes_them_up():
 
 def test_the_validation_fingerprint_changes_with_the_held_out_images_alone(cifar_dir):
     def fingerprint():
-        return load_cifar100(DataConfig(8, cifar_dir, download=False, val_size=20))[1].fingerprint
+        return load_cifar100(run_settings(cifar_dir, "--batch-size", 8, "--val-size", 20), CPU)[1].fingerprint
 
     before = fingerprint()
     _, held_out = split_validation(read_cifar100(cifar_dir, download=False).train_labels, 20)

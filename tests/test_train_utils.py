@@ -17,7 +17,7 @@ import train_utils
 from checkpoint import capture_rng_state, restore_rng_state, snapshot_to_host
 from config import Config, parse_args
 from conftest import assert_same_weights, tiny_run_args
-from dataset_utils import DataConfig, load_cifar100
+from dataset_utils import load_cifar100
 from device_utils import Runtime
 from evaluation import evaluate, view_logits
 from run_dir import CheckpointError, atomic_write, load_checkpoint
@@ -31,7 +31,8 @@ def tiny_run(cifar_dir, *flags):
     """The run train.py would build from these flags, on the CPU, with no run folder: nothing is written."""
     args, _ = parse_args(tiny_run_args(cifar_dir, "unused", "--lr", 0.05, "--epochs", 3, *flags))
     torch.manual_seed(0)
-    return build_run(Config.from_flags(args), CPU, load_cifar100(DataConfig(16, cifar_dir, download=False)))
+    config = Config.from_flags(args)
+    return build_run(config, CPU, load_cifar100(config, CPU))
 
 
 def test_a_few_epochs_on_learnable_data_reduce_the_loss(cifar_dir):
