@@ -171,8 +171,9 @@ def plan_epoch(num_images, steps, seed, epoch, augmentation=Augmentation(), batc
                                           num_ops=augmentation.ra_num_ops, magnitude=augmentation.ra_magnitude))
     if augmentation.flip == "alternate":
         flip = alternating_flips(num_images, seed, epoch)[order]
-    return AugmentationPlan(order, crop_offsets, flip, degrees, jitter_factors, jitter_order, cutout_centres, mixing,
-                            policy)
+    return AugmentationPlan(order=order, crop_offsets=crop_offsets, flip=flip, degrees=degrees,
+                            jitter_factors=jitter_factors, jitter_order=jitter_order, cutout_centres=cutout_centres,
+                            mixing=mixing, policy=policy)
 
 
 def alternating_flips(num_images, seed, epoch):

@@ -70,8 +70,9 @@ def draw_policy(num_images, policy, generator, num_ops=2, magnitude=9, size=32):
 def plan_policy(op, magnitude, size=32):
     """The parameters each image's op needs, from its magnitude (float64), as torchvision derives them."""
     factor = 1.0 + magnitude
-    return PolicyPlan(op, inverse_affine(op, magnitude, size).float(), factor.float(), (1.0 - factor).float(),
-                      (255.0 * magnitude).float(), 2.0 ** (8 - magnitude.trunc().clamp(0, 8)).float())
+    return PolicyPlan(op=op, theta=inverse_affine(op, magnitude, size).float(), factor=factor.float(),
+                      complement=(1.0 - factor).float(), threshold=(255.0 * magnitude).float(),
+                      level_step=2.0 ** (8 - magnitude.trunc().clamp(0, 8)).float())
 
 
 def inverse_affine(op, magnitude, size):
@@ -107,25 +108,27 @@ def apply_policy(images, plan):
     for start in range(0, len(images), SLICE_IMAGES):
         rows = slice(start, start + SLICE_IMAGES)
         for slot in range(plan.op.shape[1]):
-            images[rows] = apply_ops(images[rows], *(part[rows, slot] for part in vars(plan).values()))
+            images[rows] = apply_ops(images[rows], PolicyPlan(*(part[rows, slot] for part in vars(plan).values())))
     return images
 
 
-def apply_ops(images, op, theta, factor, complement, threshold, level_step):
-    """Each image's own op: every op is computed for the batch and each image keeps the result of its own."""
+def apply_ops(images, ops):
+    """Each image's own op, `ops` a PolicyPlan of one op per image: every op is computed for the batch and each
+    image keeps the result of its own."""
     def per_image(values):
         return values[:, None, None, None]
 
-    op = per_image(op)
-    images = resample(images, theta)  # identity for every image whose op is not geometric
+    op, factor, complement, threshold, level_step = (per_image(values) for values in (
+        ops.op, ops.factor, ops.complement, ops.threshold, ops.level_step))
+    images = resample(images, ops.theta)  # identity for every image whose op is not geometric
     gray = grayscale(images).floor()
     towards = torch.where(op == COLOR, gray, gray.mean((1, 2, 3), keepdim=True))
     towards = torch.where(op == BRIGHTNESS, 0.0, towards)
-    blended = blend(images, towards, per_image(factor), per_image(complement))
+    blended = blend(images, towards, factor, complement)
     result = torch.where((op == BRIGHTNESS) | (op == COLOR) | (op == CONTRAST), blended, images)
-    result = torch.where(op == SHARPNESS, sharpen(images, per_image(complement)), result)
-    result = torch.where(op == POSTERIZE, (images / per_image(level_step)).floor() * per_image(level_step), result)
-    result = torch.where((op == SOLARIZE) & (images >= per_image(threshold)), 255.0 - images, result)
+    result = torch.where(op == SHARPNESS, sharpen(images, complement), result)
+    result = torch.where(op == POSTERIZE, (images / level_step).floor() * level_step, result)
+    result = torch.where((op == SOLARIZE) & (images >= threshold), 255.0 - images, result)
     result = torch.where(op == AUTOCONTRAST, autocontrast(images), result)
     return torch.where(op == EQUALIZE, equalize(images), result)
 

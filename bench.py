@@ -92,7 +92,7 @@ def bench_one(name, batch_size, precision, args, device):
     started = time.perf_counter()
     torch.manual_seed(0)
     dtype = input_dtype(resolve_precision(device, precision))
-    config = bench_config(name, batch_size, precision, args.train_images // batch_size, args)
+    config = bench_config(name, batch_size, precision, steps_per_epoch=args.train_images // batch_size, args=args)
     loader = TrainLoader(*random_images(args.train_images, device), batch_size, dtype=dtype,
                          augmentation=config.augmentation)
     test_loader = EvalLoader(*random_images(args.test_images, device, seed=1), args.test_batch_size, dtype=dtype)
@@ -187,7 +187,7 @@ def run_benchmarks(args, device):
     for name in args.models:
         for precision in args.precisions:
             for batch_size in args.batch_sizes:
-                rows.append(bench_one(name, batch_size, precision, args, device))
+                rows.append(bench_one(name, batch_size, precision, args=args, device=device))
                 print(format_row(rows[-1]), flush=True)
     return rows
 

@@ -106,35 +106,44 @@ def check_same_split(checkpoint, path, val_loader):
                               f"the training images or the split's code have changed")
 
 
-def restore(checkpoint, path, model, optimizer, average, early_stopping, runtime, steps_per_epoch, seed):
-    """Put the run's parts back where `checkpoint` left them and return its state; a part that does not fit
-    is reported in one line naming it."""
+def restore(checkpoint, path, parts, steps_per_epoch):
+    """Put the plain model, its optimizer and weight average (`parts`) back where `checkpoint` left them, and return
+    where the run stands; a part that does not fit is named in one line."""
     with damage_reported(path, "weights"):
-        model.load_state_dict(checkpoint["model"])
-    if average is not None:
+        parts.model.load_state_dict(checkpoint["model"])
+    if parts.average is not None:
         with damage_reported(path, "weight average (--ema)"):
-            average.model.load_state_dict(checkpoint["ema"])
+            parts.average.model.load_state_dict(checkpoint["ema"])
     with damage_reported(path, "optimizer state"):
-        load_optimizer_state(optimizer, checkpoint["optimizer"])
+        load_optimizer_state(parts.optimizer, checkpoint["optimizer"])
     with damage_reported(path, "schedule"):
         position = schedule_position(checkpoint["scheduler"])
         if position != checkpoint["epoch"] * steps_per_epoch + checkpoint["step"]:
             raise ValueError(f"it stands at step {position}, not at epoch {checkpoint['epoch']} "
                              f"step {checkpoint['step']}")
-    if average is not None:
-        average.updates.fill_(position)  # one update per step so far
+    if parts.average is not None:
+        parts.average.updates.fill_(position)  # one update per step so far
+    return RunState(epoch=checkpoint["epoch"], step=checkpoint["step"], epoch_totals=checkpoint.get("epoch_totals"),
+                    best_top1=float(checkpoint["best_top1"]), history=list(checkpoint["history"]),
+                    run_id=checkpoint.get("run_id") or new_run_id())
+
+
+def restore_early_stopping(checkpoint, path, early_stopping):
     with damage_reported(path, "early-stopping record"):
         early_stopping.load_state_dict(checkpoint["early_stopping"])
         if not all(is_a(top1, NUMBER) for top1 in early_stopping.top1_history):
             raise ValueError("its top-1 values are not all numbers")
+
+
+def restore_generators(checkpoint, path, runtime, seed):
+    """Every generator as this rank left it; with another number of processes the draws cannot match the old run
+    anyway, so the ranks are only kept apart."""
     with damage_reported(path, "random generator states"):
         rng_states = checkpoint["rng"]
         if len(rng_states) == runtime.world_size:
             restore_rng_state(rng_states[runtime.rank])
-        else:  # another number of processes: draws cannot match the old run anyway, so only keep ranks apart
+        else:
             seed_everything(seed + 1000 * checkpoint["epoch"] + runtime.rank)
-    return RunState(checkpoint["epoch"], checkpoint["step"], checkpoint.get("epoch_totals"),
-                    float(checkpoint["best_top1"]), list(checkpoint["history"]), checkpoint.get("run_id") or new_run_id())
 
 
 @contextlib.contextmanager

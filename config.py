@@ -13,9 +13,10 @@ from run_dir import CheckpointError
 
 @dataclass(frozen=True)
 class Augmentation:
-    """How training images are augmented beyond the random crop and flip, by the flags' names (a part of `Config`);
-    every part is off by default."""
+    """How training images are drawn and augmented beyond the random crop and flip, by the flags' names (a part of
+    `Config`); every part is off by default."""
 
+    seed: int = 0  # with the epoch, seeds every draw of an epoch: its order, crops, flips, ops and mixing
     cutout: int = 0  # the side of the square Cutout zeroes
     mixup: float = 0.0  # Beta(alpha, alpha) of the mixup weights
     cutmix: float = 0.0  # Beta(alpha, alpha) of the CutMix box shares

@@ -107,7 +107,8 @@ def read_cifar100(data_dir, download=True):
     classes = unpickle(folder / "meta", "meta file").get("fine_label_names")
     if not isinstance(classes, list) or len(classes) != NUM_CLASSES:
         raise DataError(f"{folder / 'meta'}: expected {NUM_CLASSES} fine class names")
-    return CifarArrays(train_images, train_labels, test_images, test_labels, classes)
+    return CifarArrays(train_images=train_images, train_labels=train_labels, test_images=test_images,
+                       test_labels=test_labels, classes=classes)
 
 
 def fetch_archive(root, download):
@@ -247,15 +248,14 @@ class TrainLoader:
     last incomplete batch is dropped to keep shapes static.
     """
 
-    def __init__(self, images, labels, batch_size, seed=0, augmentation=Augmentation(), shard=(0, 1),
-                 dtype=torch.float32):
+    def __init__(self, images, labels, batch_size, augmentation=Augmentation(), shard=(0, 1), dtype=torch.float32):
         rank, world_size = shard  # this process's rank, and how many there are
         if batch_size % world_size:
             raise DataError(f"batch size {batch_size} does not split evenly over {world_size} processes")
         if batch_size > len(images):
             raise DataError(f"batch size {batch_size} is larger than the {len(images)} training images")
         self.images, self.labels = images, labels
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.seed = batch_size, augmentation.seed
         self.rank, self.world_size = rank, world_size
         self.dtype, self.augmentation = dtype, augmentation
         self.steps_per_epoch = len(images) // batch_size
@@ -273,8 +273,8 @@ class TrainLoader:
 
     def augmented(self, epoch, start_step=0):
         """This rank's augmented images and targets of steps start_step.. of `epoch`."""
-        plan = plan_epoch(len(self.images), self.steps_per_epoch, self.seed, epoch, self.augmentation,
-                          self.images_per_rank_step).to(self.images.device)
+        plan = plan_epoch(len(self.images), self.steps_per_epoch, self.seed, epoch, augmentation=self.augmentation,
+                          batch_size=self.images_per_rank_step).to(self.images.device)
         return self.augment_epoch(plan, start_step), self.epoch_targets(plan, start_step)
 
     def augment_epoch(self, plan, start_step=0):
@@ -403,8 +403,8 @@ def load_cifar100(config, runtime, arrays=None):
                          shard=shard, dtype=dtype)
         val.fingerprint = split_fingerprint(val_indices, images[val_indices], labels[val_indices])
         images, labels = images[train_indices], labels[train_indices]
-    train = TrainLoader(images.to(device), labels.to(device), config.batch_size, seed=config.seed,
-                        augmentation=config.augmentation, shard=shard, dtype=dtype)
+    train = TrainLoader(images.to(device), labels.to(device), config.batch_size, augmentation=config.augmentation,
+                        shard=shard, dtype=dtype)
     test = EvalLoader(arrays.test_images.to(device), arrays.test_labels.to(device), config.test_batch_size,
                       shard=shard, dtype=dtype)
     train.classes = test.classes = arrays.classes

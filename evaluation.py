@@ -64,12 +64,12 @@ def view_logits(model, batch, views="image"):
 
 def test_final_and_best(run):
     """With a validation split: the test set's verdict on the final model and on the best epoch's (best.pt)."""
-    final = evaluate(run.evaluated_model, run.test_loader, run.runtime, run.precision, run.config.test_views)
+    final = evaluate(run.evaluated_model, run.test_loader, run.runtime, run.precision, views=run.config.test_views)
     if run.best_weights is not None:
         best_model = model_with_weights(run.config.model_config, run.best_weights, run.runtime.device)
     else:  # a resumed run whose best epoch came before the resume finds it only in best.pt
         best_model = load_model(run.run_dir.best, run.runtime.device)
-    best = evaluate(best_model, run.test_loader, run.runtime, run.precision, run.config.test_views)
+    best = evaluate(best_model, run.test_loader, run.runtime, run.precision, views=run.config.test_views)
     return final, best
 
 
@@ -79,7 +79,7 @@ def evaluate_checkpoint(checkpoint, path, config, runtime, arrays):
     test_loader = EvalLoader(arrays.test_images.to(runtime.device), arrays.test_labels.to(runtime.device),
                              config.test_batch_size, shard=(runtime.rank, runtime.world_size))
     result = evaluate(model, test_loader, runtime, resolve_precision(runtime.device, config.precision),
-                      config.test_views)
+                      views=config.test_views)
     if runtime.is_main:
         show(f"{path}: test loss {result.loss:.4f}, top-1 {100 * result.top1:.2f}%, top-5 {100 * result.top5:.2f}% "
              f"(stored best top-1 {100 * checkpoint['best_top1']:.2f}% after epoch {checkpoint['epoch']})")

@@ -16,14 +16,14 @@ class BasicBlock(nn.Module):
 
     def __init__(self, in_channels, out_channels, stride=1):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
                 nn.BatchNorm2d(out_channels),
             )
 
@@ -38,13 +38,13 @@ class ResNet(nn.Module):
 
     def __init__(self, blocks_per_stage=(2, 2, 2, 2), num_classes=100):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         widths = (64, 128, 256, 512)
         strides = (1, 2, 2, 2)
         stages, in_channels = [], 64
         for width, stride, blocks in zip(widths, strides, blocks_per_stage):
-            stages.append(_make_stage(BasicBlock, in_channels, width, stride, blocks))
+            stages.append(_make_stage(BasicBlock, in_channels, width, stride=stride, blocks=blocks))
             in_channels = width
         self.stages = nn.Sequential(*stages)
         self.fc = nn.Linear(512, num_classes)
@@ -62,13 +62,13 @@ class WideBasicBlock(nn.Module):
     def __init__(self, in_channels, out_channels, stride=1, dropout=0.0):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1, bias=False)
         self.shortcut = None
         if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride, bias=False)
+            self.shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
 
     def forward(self, x):
         activated = F.relu(self.bn1(x))
@@ -90,11 +90,11 @@ class WideResNet(nn.Module):
             raise ValueError(f"WideResNet widen_factor must be >= 1, got {widen_factor}")
         blocks = (depth - 4) // 6
         widths = [16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
-        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(3, 16, kernel_size=3, stride=1, padding=1, bias=False)
         self.stages = nn.Sequential(
-            _make_stage(WideBasicBlock, 16, widths[0], 1, blocks, dropout=dropout),
-            _make_stage(WideBasicBlock, widths[0], widths[1], 2, blocks, dropout=dropout),
-            _make_stage(WideBasicBlock, widths[1], widths[2], 2, blocks, dropout=dropout),
+            _make_stage(WideBasicBlock, 16, widths[0], stride=1, blocks=blocks, dropout=dropout),
+            _make_stage(WideBasicBlock, widths[0], widths[1], stride=2, blocks=blocks, dropout=dropout),
+            _make_stage(WideBasicBlock, widths[1], widths[2], stride=2, blocks=blocks, dropout=dropout),
         )
         self.bn = nn.BatchNorm2d(widths[2])
         self.fc = nn.Linear(widths[2], num_classes)

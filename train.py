@@ -19,8 +19,8 @@ from pathlib import Path
 
 from cli import exit_worker, quit_while_starting
 from config import Config, parse_args, resumed_config
-from report import (Notes, describe_outcome, describe_run, describe_timing, draw_plot, fail, plot_is_possible,
-                    process_started_at, resume_command, show)
+from report import (Notes, describe_outcome, describe_run, describe_timing, draw_plot, fail, open_tensorboard,
+                    plot_is_possible, process_started_at, resume_command, show)
 from run_dir import CheckpointError, RunDir, load_checkpoint
 
 STARTED = process_started_at()  # the process's own start, so "first step after start" counts the imports too
@@ -92,8 +92,8 @@ def run(args, explicit):
         if args.evaluate is not None:
             path = checkpoint_path(args.evaluate, args.checkpoint_dir, RunDir.BEST)
             checkpoint = load_checkpoint(path)
-            return evaluate_checkpoint(checkpoint, path, resumed_config(args, explicit, checkpoint, path), runtime,
-                                       reader.arrays())
+            config = resumed_config(args, explicit, checkpoint, path)
+            return evaluate_checkpoint(checkpoint, path, config, runtime=runtime, arrays=reader.arrays())
         code = train(args, explicit, runtime, reader)
         if runtime.distributed:  # finished, or an interrupt every rank agreed on: rank 0 has saved and said so
             leave_together(runtime)
@@ -130,9 +130,14 @@ def train(args, explicit, runtime, reader):
             raise DeviceError("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU implementation)")
         arrays, started = reader.arrays(), time.perf_counter()
         loaders = load_cifar100(config, runtime, arrays)
-        runtime.startup.update({"reading the data": reader.seconds, "data to the device": time.perf_counter() - started})
+        runtime.startup.update({"reading the data": reader.seconds,
+                                "data to the device": time.perf_counter() - started})
         started = time.perf_counter()
-        run = build_run(config, runtime, loaders, run_dir, resumed)
+        run = build_run(config, runtime, loaders, run_dir=run_dir, resumed=resumed)
+        if resumed is not None:  # the checkpoint fits this run: the folder may take it in now
+            on_main_rank(runtime, lambda: run_dir.adopt(*resumed))
+        if config.tensorboard and runtime.is_main:
+            run.tensorboard = open_tensorboard(run_dir.tensorboard)
         runtime.startup["model"] = time.perf_counter() - started
         if runtime.is_main:
             show(describe_run(run, resumed), run.interrupt)
@@ -148,8 +153,8 @@ def train(args, explicit, runtime, reader):
         final_tests = test_final_and_best(run) if run.val_loader is not None and outcome != "interrupted" else None
         if runtime.is_main:
             show(describe_timing(run, epochs_before + 1, fit_started_at, STARTED), run.interrupt)
-            show(describe_outcome(run, outcome, time.perf_counter() - started, epochs_before, final_tests),
-                 run.interrupt)
+            show(describe_outcome(run, outcome, time.perf_counter() - started, epochs_before=epochs_before,
+                                  final_tests=final_tests), run.interrupt)
             if outcome == "interrupted":
                 print(f"stopped at epoch {run.state.epoch + 1}, step {run.state.step}; checkpoint saved. Resume "
                       f"with:\n  {resume_command(run_dir.last, explicit)}", file=sys.stderr)

@@ -9,6 +9,7 @@ import copy
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -100,6 +101,18 @@ class SharpnessAware:
                 module.track_running_stats = True
 
 
+@dataclass
+class StepParts:
+    """What a training step works with: the model it trains (as wrapped for torchrun or compiled), its optimizer and
+    loss, and the weight average (--ema) and SAM (--sam) when they are on."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    criterion: object
+    average: WeightAverage = None
+    sharpness: SharpnessAware = None
+
+
 class TrainStep:
     """Forward, loss, backward and SGD update of one batch, eagerly (CPU, MPS, torchrun, and the fallback).
 
@@ -110,9 +123,10 @@ class TrainStep:
     kind = planned = "eager"  # `kind`: the step that ran; `planned`: the one asked for
     graph = None
 
-    def __init__(self, model, optimizer, criterion, device, precision, average=None, sharpness=None):
-        self.model, self.optimizer, self.criterion = model, optimizer, criterion
-        self.device, self.precision, self.average, self.sharpness = device, precision, average, sharpness
+    def __init__(self, parts, device, precision):
+        self.model, self.optimizer, self.criterion = parts.model, parts.optimizer, parts.criterion
+        self.average, self.sharpness = parts.average, parts.sharpness
+        self.device, self.precision = device, precision
         self.sums = torch.zeros(4, device=device)
         self.first_step_seconds = 0.0  # the process's first step: cudnn's choice of algorithms, compilation
         self.capture_seconds = 0.0  # the CUDA graph's capture
@@ -175,9 +189,9 @@ class GraphedTrainStep(TrainStep):
     WARMUP_STEPS = 3
     planned = "CUDA graph"
 
-    def __init__(self, model, optimizer, criterion, device, precision, average=None, sharpness=None):
-        super().__init__(model, optimizer, criterion, device, precision, average, sharpness)
-        for group in optimizer.param_groups:
+    def __init__(self, parts, device, precision):
+        super().__init__(parts, device, precision)
+        for group in self.optimizer.param_groups:
             group["lr"] = torch.tensor(float(group["lr"]), device=device)
         self.graph, self.eager_steps, self.refusal, self.host_waits = None, 0, None, []
         self.static_images = self.static_labels = None
@@ -298,6 +312,6 @@ def uses_cuda_graphs(runtime, cuda_graphs=True):
     return True
 
 
-def make_train_step(model, optimizer, criterion, runtime, precision, cuda_graphs=True, average=None, sharpness=None):
+def make_train_step(parts, runtime, precision, cuda_graphs=True):
     step_class = GraphedTrainStep if uses_cuda_graphs(runtime, cuda_graphs) else TrainStep
-    return step_class(model, optimizer, criterion, runtime.device, precision, average, sharpness)
+    return step_class(parts, runtime.device, precision)

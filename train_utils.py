@@ -14,17 +14,17 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from checkpoint import (RunState, check_same_split, model_from_config, restore, save_checkpoint, seed_everything,
-                        snapshot_to_host, unwrap_model)
+from checkpoint import (RunState, check_same_split, model_from_config, restore, restore_early_stopping,
+                        restore_generators, save_checkpoint, seed_everything, snapshot_to_host, unwrap_model)
 from checkpoint import load_model  # noqa: F401 - a public name: `from train_utils import load_model`
 from config import Config
 from device_utils import (all_reduce_sum, broadcast_from_main, distribute_model, fused_sgd_available, on_main_rank,
                           resolve_precision, synchronize)
 from evaluation import evaluate
-from report import Progress, format_epoch_line, log_tensorboard, open_tensorboard, show
+from report import Progress, format_epoch_line, log_tensorboard, show
 from run_dir import CheckpointError
 from signals import Interrupt
-from train_step import NonFiniteLossError, SharpnessAware, TrainStep, WeightAverage, make_train_step
+from train_step import NonFiniteLossError, SharpnessAware, StepParts, TrainStep, WeightAverage, make_train_step
 
 SYNC_POINTS_PER_EPOCH = 10
 
@@ -205,9 +205,9 @@ def train_one_epoch(run, show_progress=None):
                 stopped_at_step = step + 1
                 break
             stepping = time.perf_counter() - stepping_started - (train_step.setup_seconds - setup_at_start)
-            progress.report(step, loss_sum / (steps_done * len(labels)),
-                            run.schedule.lrs(epoch * loader.steps_per_epoch + step)[0],
-                            images_done * runtime.world_size / max(stepping, 1e-9), stepping)
+            progress.report(step, loss=loss_sum / (steps_done * len(labels)),
+                            lr=run.schedule.lrs(epoch * loader.steps_per_epoch + step)[0],
+                            images_per_sec=images_done * runtime.world_size / max(stepping, 1e-9), seconds=stepping)
     progress.close()
     synchronize(runtime.device)
     seconds = time.perf_counter() - started - (train_step.setup_seconds - setup_at_start)
@@ -286,8 +286,8 @@ class Run:
 
 def build_run(config, runtime, loaders, run_dir=None, resumed=None):
     """The run, ready to train: model, optimizer and schedule built, restored from `resumed` (a loaded checkpoint
-    and its path) if given, the run folder open (rank 0; every rank stops on its error), the model wrapped for
-    torchrun and compiled if asked, the training step made, logging open."""
+    and its path) if given, the model wrapped for torchrun and compiled if asked, the training step made. Writes
+    nothing: `run_dir` is where its checkpoints will go."""
     train_loader, val_loader, test_loader = loaders
     if config.workers:
         torch.set_num_threads(config.workers)
@@ -300,31 +300,31 @@ def build_run(config, runtime, loaders, run_dir=None, resumed=None):
     if config.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(runtime.device, memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, config.lr, config.momentum, config.weight_decay, config.nesterov,
-                               config.bn_bias_lr_scale)
+    optimizer = make_optimizer(model, config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                               nesterov=config.nesterov, bn_bias_lr_scale=config.bn_bias_lr_scale)
     momenta = None if config.min_momentum is None else (config.min_momentum, config.momentum)
     schedule = OneCycle.for_optimizer(optimizer, config.epochs * train_loader.steps_per_epoch, momenta)
     average = WeightAverage(model, config.ema) if config.ema else None
     early_stopping = EarlyStopping(config.target_accuracy, config.patience)
     state = RunState()
     if resumed is not None:
-        check_same_split(*resumed, val_loader)
-        state = restore(*resumed, model, optimizer, average, early_stopping, runtime,
-                        train_loader.steps_per_epoch, config.seed)
-    if run_dir is not None and resumed is not None:  # the checkpoint fits: the folder may now take it in
-        on_main_rank(runtime, lambda: run_dir.adopt(*resumed))
+        checkpoint, path = resumed
+        check_same_split(checkpoint, path, val_loader)
+        state = restore(checkpoint, path, StepParts(model, optimizer, None, average), train_loader.steps_per_epoch)
+        restore_early_stopping(checkpoint, path, early_stopping)
+        restore_generators(checkpoint, path, runtime, config.seed)  # last: nothing draws before training
     training_model = distribute_model(model, runtime)
     if config.compile:
         training_model = torch.compile(training_model)
     cuda_graphs = not config.no_cuda_graphs and momenta is None  # a captured step keeps its momentum
     sharpness = SharpnessAware(model, config.sam, config.asam) if config.sam else None
-    train_step = make_train_step(training_model, optimizer, make_criterion(config.label_smoothing), runtime,
-                                 precision, cuda_graphs, average, sharpness)
-    tensorboard = None
-    if config.tensorboard and run_dir is not None and runtime.is_main:
-        tensorboard = open_tensorboard(run_dir.tensorboard)
-    return Run(config, runtime, precision, training_model, optimizer, schedule, average, train_step, train_loader,
-               val_loader, test_loader, run_dir, early_stopping, state, tensorboard, Interrupt(runtime.is_main))
+    parts = StepParts(training_model, optimizer, make_criterion(config.label_smoothing), average=average,
+                      sharpness=sharpness)
+    train_step = make_train_step(parts, runtime, precision, cuda_graphs)
+    return Run(config=config, runtime=runtime, precision=precision, model=training_model, optimizer=optimizer,
+               schedule=schedule, average=average, train_step=train_step, train_loader=train_loader,
+               val_loader=val_loader, test_loader=test_loader, run_dir=run_dir, early_stopping=early_stopping,
+               state=state, interrupt=Interrupt(runtime.is_main))
 
 
 def fit(run):
@@ -412,13 +412,13 @@ def evaluate_epoch(run, row):
     stopping; returns (seconds, whether it is the best so far)."""
     use_rank_0s_state(run)
     views = run.config.test_views
-    evaluation = evaluate(run.evaluated_model, run.selection_loader, run.runtime, run.precision, views)
+    evaluation = evaluate(run.evaluated_model, run.selection_loader, run.runtime, run.precision, views=views)
     if not math.isfinite(evaluation.loss):
         raise NonFiniteLossError(f"the model's {run.selection_split} loss became NaN or infinite after epoch "
                                  f"{row['epoch']}")
     row.update(evaluation_columns(run.selection_split, evaluation))
     if run.average is not None:  # the raw weights beside their average
-        raw = evaluate(unwrap_model(run.model), run.selection_loader, run.runtime, run.precision, views)
+        raw = evaluate(unwrap_model(run.model), run.selection_loader, run.runtime, run.precision, views=views)
         row["raw_top1"] = round(raw.top1, 5)
     state = run.state
     is_best = not run.early_stopping.top1_history or evaluation.top1 > state.best_top1  # the first evaluation, too

@@ -1,5 +1,6 @@
 """The in-process GPU checks of test_gpu.py; each runs in its own process: `python tests/gpu_checks.py CHECK`."""
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from config import Augmentation, Config, parse_args  # noqa: E402
 from dataset_utils import EvalLoader, TrainLoader  # noqa: E402
 from device_utils import Runtime  # noqa: E402
 from model import build_model  # noqa: E402
-from train_step import SharpnessAware, WeightAverage, make_train_step  # noqa: E402
+from train_step import SharpnessAware, StepParts, WeightAverage, make_train_step  # noqa: E402
 from train_utils import OneCycle, build_run, make_criterion, make_optimizer, train_one_epoch  # noqa: E402
 
 
@@ -20,8 +21,8 @@ def two_identical_steps(graphed, criterion=None, rho=None):
     model = build_model("wideresnet", depth=10, widen_factor=2).cuda().to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, lr=0.05, nesterov=True)
     sharpness = SharpnessAware(model, rho) if rho else None
-    step = make_train_step(model, optimizer, criterion or make_criterion(0.1), Runtime(torch.device("cuda")), "bf16",
-                           cuda_graphs=graphed, average=WeightAverage(model, 0.9), sharpness=sharpness)
+    parts = StepParts(model, optimizer, criterion or make_criterion(0.1), WeightAverage(model, 0.9), sharpness)
+    step = make_train_step(parts, Runtime(torch.device("cuda")), "bf16", cuda_graphs=graphed)
     return model, optimizer, step
 
 
@@ -69,7 +70,7 @@ def random_loader(count=8192, batch_size=256, augmentation=Augmentation()):
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=generator).cuda()
     labels = torch.randint(0, 100, (count,), generator=generator).cuda()
-    return TrainLoader(images, labels, batch_size, seed=1, dtype=torch.bfloat16, augmentation=augmentation)
+    return TrainLoader(images, labels, batch_size, augmentation=replace(augmentation, seed=1), dtype=torch.bfloat16)
 
 
 def syncing(criterion, only_while_capturing):
@@ -172,7 +173,7 @@ def check_the_captured_lr_follows_the_schedule():
         torch.manual_seed(0)
         model = build_model("wideresnet", depth=10, widen_factor=1).cuda().to(memory_format=torch.channels_last)
         optimizer = make_optimizer(model, lr=0.2, nesterov=True)
-        step = make_train_step(model, optimizer, make_criterion(), Runtime(torch.device("cuda")), "fp32",
+        step = make_train_step(StepParts(model, optimizer, make_criterion()), Runtime(torch.device("cuda")), "fp32",
                                cuda_graphs=graphed)
         schedule = OneCycle.for_optimizer(optimizer, len(batches))
         step.start_epoch(0)
@@ -196,8 +197,8 @@ def check_an_epoch_prepared_on_a_side_stream_matches_one_made_on_demand():
     labels = torch.randint(0, 100, (8192,), generator=generator).cuda()
 
     def loader():
-        return TrainLoader(images, labels, 256, seed=1, dtype=torch.bfloat16,
-                           augmentation=Augmentation(cutout=8, mixup=0.2, cutmix=1.0, cutmix_prob=0.5,
+        return TrainLoader(images, labels, 256, dtype=torch.bfloat16,
+                           augmentation=Augmentation(seed=1, cutout=8, mixup=0.2, cutmix=1.0, cutmix_prob=0.5,
                                                      auto_augment="ta_wide"))
 
     expected = [(batch.clone(), targets.clone()) for batch, targets in loader().batches(1)]

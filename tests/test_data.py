@@ -1,6 +1,7 @@
 import math
 import os
 import pickle
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -259,7 +260,8 @@ class HostToDeviceCopies(TorchFunctionMode):
 
 
 @pytest.mark.parametrize("augmentation", [
-    Augmentation(), Augmentation(auto_augment="ta_wide", cutout=8), Augmentation(auto_augment="ra", mixup=0.2, cutmix=1.0)],
+    Augmentation(), Augmentation(auto_augment="ta_wide", cutout=8),
+    Augmentation(auto_augment="ra", mixup=0.2, cutmix=1.0)],
     ids=["default", "ta_wide", "ra-mixing"])
 def test_preparing_an_epoch_copies_only_its_plan_to_the_device_whatever_its_size(augmentation, monkeypatch):
     """The epoch's plan goes to the device once; no chunk or policy slice adds a copy of its own. The "meta" device
@@ -320,7 +322,7 @@ def test_loaders_yield_normalised_channels_last_batches(cifar_dir):
 
 def test_training_epoch_visits_each_image_once_in_a_seeded_order(cifar_dir):
     arrays = read_cifar100(cifar_dir, download=False)
-    loader = TrainLoader(arrays.train_images, torch.arange(64), batch_size=16, seed=5)
+    loader = TrainLoader(arrays.train_images, torch.arange(64), batch_size=16, augmentation=Augmentation(seed=5))
     seen = torch.cat([labels for _, labels in loader.batches(epoch=0)])
     assert sorted(seen.tolist()) == list(range(64)) and seen.tolist() != list(range(64))
     again = torch.cat([labels for _, labels in loader.batches(epoch=0)])
@@ -329,8 +331,9 @@ def test_training_epoch_visits_each_image_once_in_a_seeded_order(cifar_dir):
 
 def test_ranks_take_disjoint_slices_of_each_global_batch(cifar_dir):
     arrays = read_cifar100(cifar_dir, download=False)
-    whole = TrainLoader(arrays.train_images, torch.arange(64), batch_size=16, seed=1)
-    ranks = [TrainLoader(arrays.train_images, torch.arange(64), batch_size=16, seed=1, shard=(r, 2))
+    whole = TrainLoader(arrays.train_images, torch.arange(64), batch_size=16, augmentation=Augmentation(seed=1))
+    ranks = [TrainLoader(arrays.train_images, torch.arange(64), batch_size=16, augmentation=Augmentation(seed=1),
+                         shard=(r, 2))
              for r in range(2)]
     for (whole_images, whole_labels), (images0, labels0), (images1, labels1) in zip(
             whole.batches(0), ranks[0].batches(0), ranks[1].batches(0)):
@@ -351,7 +354,8 @@ def test_test_shards_cover_the_test_set_once(cifar_dir):
                                           Augmentation(auto_augment="ra", cutout=16)])
 def test_resuming_mid_epoch_serves_the_remaining_batches(cifar_dir, augmentation):
     arrays = read_cifar100(cifar_dir, download=False)
-    loader = TrainLoader(arrays.train_images, arrays.train_labels, batch_size=16, seed=2, augmentation=augmentation)
+    loader = TrainLoader(arrays.train_images, arrays.train_labels, batch_size=16,
+                         augmentation=replace(augmentation, seed=2))
     full = list(loader.batches(epoch=3))
     rest = list(loader.batches(epoch=3, start_step=2))
     assert len(rest) == 2
@@ -363,8 +367,9 @@ def test_a_prepared_epoch_is_served_as_it_would_be_augmented_on_demand(cifar_dir
     arrays = read_cifar100(cifar_dir, download=False)
 
     def loader():
-        return TrainLoader(arrays.train_images, arrays.train_labels, batch_size=16, seed=2,
-                           augmentation=Augmentation(mixup=0.5, cutmix=1.0, cutmix_prob=0.5, auto_augment="ta_wide"))
+        return TrainLoader(arrays.train_images, arrays.train_labels, batch_size=16,
+                           augmentation=Augmentation(seed=2, mixup=0.5, cutmix=1.0, cutmix_prob=0.5,
+                                                     auto_augment="ta_wide"))
 
     expected = list(loader().batches(epoch=2))
 
@@ -403,7 +408,7 @@ def test_augmented_batches_keep_shape_dtype_and_plausible_statistics():
 def test_an_epoch_augmented_at_once_equals_batch_by_batch_augmentation(monkeypatch):
     images = (torch.rand(96, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 255).to(torch.uint8)
     monkeypatch.setattr(dataset_utils, "AUGMENT_CHUNK_IMAGES", 32)  # several chunks, each with several jitter orders
-    loader = TrainLoader(images, torch.arange(96), batch_size=8, seed=4, augmentation=Augmentation(cutout=8))
+    loader = TrainLoader(images, torch.arange(96), batch_size=8, augmentation=Augmentation(seed=4, cutout=8))
     plan = plan_epoch(96, loader.steps_per_epoch, 4, 2, augmentation=loader.augmentation)
     for step, (batch, labels) in enumerate(loader.batches(epoch=2)):
         positions = loader.positions(range(step, step + 1))[0]
@@ -484,7 +489,8 @@ def mixed_and_plain_epochs(**mixing):
     """One epoch augmented with and without mixing, from the same draws: (mixed, plain, plan), batches (steps, B)."""
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (STEPS * BATCH, 3, 32, 32), dtype=torch.uint8, generator=generator)
-    loader = TrainLoader(images, torch.randint(0, 100, (STEPS * BATCH,), generator=generator), BATCH, seed=3)
+    loader = TrainLoader(images, torch.randint(0, 100, (STEPS * BATCH,), generator=generator), BATCH,
+                         augmentation=Augmentation(seed=3))
     plan = plan_epoch(STEPS * BATCH, STEPS, 3, 0, augmentation=Augmentation(**mixing), batch_size=BATCH)
     plain_plan = plan_epoch(STEPS * BATCH, STEPS, 3, 0)  # mixing is drawn last: every other draw is the same
     mixed, plain = loader.augment_epoch(plan), loader.augment_epoch(plain_plan)
@@ -564,7 +570,8 @@ def test_cutmix_prob_leaves_the_other_batches_unmixed_or_mixes_them_up():
     is_cutmix = alone.boxes.any(1)  # a box of side 0 or 1 cuts nothing, and an unmixed step has none at all
     assert 0.4 < is_cutmix.float().mean() < 0.6
     assert (alone.weights[~is_cutmix] == 1).all() and (alone.blend == 1).all()  # the others: left as they are
-    both = plan_epoch(4000, 400, 0, 0, augmentation=Augmentation(mixup=0.2, cutmix=1.0, cutmix_prob=0.5), batch_size=10).mixing
+    both = plan_epoch(4000, 400, 0, 0, augmentation=Augmentation(mixup=0.2, cutmix=1.0, cutmix_prob=0.5),
+                      batch_size=10).mixing
     is_cutmix = both.boxes.any(1)
     assert 0.4 < is_cutmix.float().mean() < 0.6
     assert (both.blend[is_cutmix] == 1).all() and (both.boxes[~is_cutmix] == 0).all()

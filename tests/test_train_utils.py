@@ -21,7 +21,7 @@ from dataset_utils import load_cifar100
 from device_utils import Runtime
 from evaluation import evaluate, view_logits
 from run_dir import CheckpointError, atomic_write, load_checkpoint
-from train_step import NonFiniteLossError, WeightAverage, make_train_step, uses_cuda_graphs
+from train_step import NonFiniteLossError, StepParts, WeightAverage, make_train_step, uses_cuda_graphs
 from train_utils import EarlyStopping, build_run, make_criterion, train_one_epoch
 
 CPU = Runtime(torch.device("cpu"))
@@ -249,7 +249,7 @@ def test_the_step_updates_the_weight_average_by_its_formula_and_copies_the_count
     run = tiny_run(cifar_dir)
     model = run.model
     average = WeightAverage(model, decay=0.9)
-    step = make_train_step(model, run.optimizer, make_criterion(), CPU, "fp32", average=average)
+    step = make_train_step(StepParts(model, run.optimizer, make_criterion(), average=average), CPU, "fp32")
     step.start_epoch(0)
     for n, (images, labels) in enumerate(run.train_loader.batches(0)):
         before = {key: value.clone() for key, value in average.model.state_dict().items()}
@@ -375,10 +375,10 @@ def test_a_sam_step_equals_the_reference_step(cifar_dir, adaptive, rho):
     run = tiny_run(cifar_dir)
     batches = list(run.train_loader.batches(0))[:2]
     models = [copy.deepcopy(run.model) for _ in range(3)]
-    optimizers = [make_optimizer(model, 0.05, 0.9, 5e-4, nesterov=True) for model in models]
-    ours = make_train_step(models[0], optimizers[0], make_criterion(), CPU, "fp32",
-                           sharpness=SharpnessAware(models[0], rho, adaptive))
-    plain = make_train_step(models[2], optimizers[2], make_criterion(), CPU, "fp32")
+    optimizers = [make_optimizer(model, 0.05, momentum=0.9, weight_decay=5e-4, nesterov=True) for model in models]
+    sharpness = SharpnessAware(models[0], rho, adaptive)
+    ours = make_train_step(StepParts(models[0], optimizers[0], make_criterion(), sharpness=sharpness), CPU, "fp32")
+    plain = make_train_step(StepParts(models[2], optimizers[2], make_criterion()), CPU, "fp32")
     ours.start_epoch(0)
     plain.start_epoch(0)
     for images, labels in batches:  # two steps: momentum and weight decay act on the sharpness gradient
