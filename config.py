@@ -1,6 +1,7 @@
 """A run's settings: the presets, the flags, `Config`, and what a resume may change. Imports nothing heavy, so
 --help and a wrong flag answer at once."""
 import argparse
+import enum
 import os
 import re
 import typing
@@ -31,21 +32,32 @@ class Augmentation:
         return self.mixup > 0 or self.cutmix > 0
 
 
+class OnResume(enum.Enum):
+    """What --resume (or --evaluate) does with a setting."""
+
+    FIXED = "fixed for the life of a run: a different value is refused"
+    MAY_CHANGE = "a recipe setting a resume may change: not given, it stays the checkpoint's"
+    THIS_COMMAND = "how this process runs, not what it trains: always the command line's, never the checkpoint's"
+
+    @classmethod
+    def of(cls, setting):
+        """A `Config` field's rule."""
+        return setting.metadata.get("on_resume", cls.FIXED)
+
+
 def may_change():
-    """A recipe setting that --resume (or --evaluate) may change; not given, it stays the checkpoint's."""
-    return field(metadata={"on_resume": "may change"})
+    return field(metadata={"on_resume": OnResume.MAY_CHANGE})
 
 
 def this_command():
-    """How this process runs, not what it trains: always taken from the command line, never the checkpoint."""
-    return field(metadata={"on_resume": "this command's"})
+    return field(metadata={"on_resume": OnResume.THIS_COMMAND})
 
 
 @dataclass(frozen=True)
 class Config:
     """Every setting of a run: train.py's flags over a preset, and on --resume over the checkpoint's settings.
 
-    A field without a note is fixed for the life of a run: --resume refuses a different value.
+    Each field's rule on --resume is an `OnResume`: a field without a note is fixed for the life of a run.
     """
 
     model: str
@@ -105,15 +117,15 @@ class Config:
         before the flag: its value in `defaults`, the settings of a run given no flags."""
         merged = {}
         for setting in fields(self):
-            name, rule = setting.name, setting.metadata.get("on_resume", "fixed")
-            if rule == "this command's" or name not in saved and rule == "may change":
+            name, rule = setting.name, OnResume.of(setting)
+            if rule is OnResume.THIS_COMMAND or name not in saved and rule is OnResume.MAY_CHANGE:
                 merged[name] = getattr(self, name)
                 continue
             stored = saved[name] if name in saved else getattr(defaults, name)
             if not fits_type(stored, setting.type):
                 raise CheckpointError(f"{path} is damaged: its setting {name} is a {type(stored).__name__}")
-            merged[name] = given.get(name, stored) if rule == "may change" else stored
-            if rule == "fixed" and name in given and given[name] != stored:
+            merged[name] = given.get(name, stored) if rule is OnResume.MAY_CHANGE else stored
+            if rule is OnResume.FIXED and name in given and given[name] != stored:
                 flag = "--" + name.replace("_", "-")
                 raise CheckpointError(f"{path} was trained with {flag} {stored}; refusing {flag} {given[name]} "
                                       f"(start a new run in another --checkpoint-dir instead)")
@@ -321,11 +333,11 @@ def check_combination(args, parser):
 
 def check_saved_settings(saved, path):
     """A checkpoint's recipe goes through the very checks its flags would: one definition of each range."""
-    rules = {setting.name: setting.metadata.get("on_resume") for setting in fields(Config)}
+    rules = {setting.name: OnResume.of(setting) for setting in fields(Config)}
     unknown = sorted(set(saved) - set(rules))
     if unknown:
         raise CheckpointError(f"{path} is damaged: its settings hold {', '.join(unknown)}, which train.py has not")
-    flags = as_flags({name: value for name, value in saved.items() if rules[name] != "this command's"})
+    flags = as_flags({name: value for name, value in saved.items() if rules[name] is not OnResume.THIS_COMMAND})
     parser = build_parser(raising=True)
     try:
         check_combination(parser.parse_args(flags), parser)

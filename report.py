@@ -9,7 +9,7 @@ from dataclasses import fields
 
 from tqdm import tqdm
 
-from config import Config, as_flags, describe_model_config, parse_args
+from config import Config, OnResume, as_flags, describe_model_config, parse_args
 
 
 PROGRESS_SECONDS = 60  # without a terminal, a progress line at most this often (a CPU epoch takes minutes)
@@ -122,7 +122,7 @@ def describe_recipe(config):
     """The recipe's settings that differ from the defaults, as the flags that give them."""
     defaults = Config.from_flags(parse_args([])[0])
     changed = {setting.name: getattr(config, setting.name) for setting in fields(Config)
-               if setting.metadata.get("on_resume") != "this command's"
+               if OnResume.of(setting) is not OnResume.THIS_COMMAND
                and getattr(config, setting.name) != getattr(defaults, setting.name)}
     return "recipe: " + (shlex.join(as_flags(changed)) if changed else "the defaults")
 
@@ -249,6 +249,6 @@ def resume_command(last, explicit):
             launcher = ["torchrun", f"--nnodes={int(os.environ['WORLD_SIZE']) // int(processes)}",
                         f"--nproc_per_node={processes}", "...", "train.py"]
     flags = as_flags({setting.name: explicit[setting.name] for setting in fields(Config)
-                      if setting.metadata.get("on_resume") == "this command's" and setting.name in explicit
+                      if OnResume.of(setting) is OnResume.THIS_COMMAND and setting.name in explicit
                       and setting.name != "checkpoint_dir"})
     return shlex.join([*launcher, "--resume", str(last), *flags])

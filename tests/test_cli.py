@@ -423,11 +423,10 @@ def test_start_up_removes_only_its_own_temporaries(cifar_dir, tmp_path):
 def test_every_flag_is_a_setting_with_one_resume_rule():
     from dataclasses import fields
 
-    from config import Config, build_parser
+    from config import Config, OnResume, build_parser
     flags = {action.dest for action in build_parser()._actions} - {"help", "resume", "evaluate"}
     assert flags == {setting.name for setting in fields(Config)}
-    rules = {setting.metadata.get("on_resume", "fixed") for setting in fields(Config)}
-    assert rules == {"fixed", "may change", "this command's"}
+    assert {OnResume.of(setting) for setting in fields(Config)} == set(OnResume)
 
 
 def test_resume_keeps_the_checkpoints_recipe_but_this_commands_run_settings(train_main, cifar_dir, tmp_path):
