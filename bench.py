@@ -13,13 +13,25 @@ alone, then min / median / max over --repeats of the steady epoch (consecutive e
 one's augmentation runs beside the one before, as in train.py), the bare step on one fixed batch
 (the ceiling), augmentation of an epoch alone and the test pass. A row whose spread exceeds 10 % of its
 median is flagged: the machine was busy, so compare it with care.
+
+    python bench.py --startup --repeats 3 -- --data-dir DATA --no-download   # train.py's start-up, from outside
+
+`--startup` times train.py's start-up as child processes, each in a new folder: python with the modules train.py
+loads (torch among them), and `python train.py FLAGS --epochs 1` from its spawn to the end of its first training
+step, which the run prints by the clock.
 """
 import math
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-from cli import POSITIVE_FLOAT, POSITIVE_INT, Parser, bounded, comma_separated, one_of
+from cli import POSITIVE_FLOAT, POSITIVE_INT, Parser, bounded, comma_separated, one_of, split_at_dashes
+
+REPO = Path(__file__).resolve().parent
 
 
 def parse_args(argv=None):
@@ -40,7 +52,11 @@ def parse_args(argv=None):
     parser.add_argument("--no-cuda-graphs", action="store_true", help="eager steps on CUDA")
     parser.add_argument("--auto-augment", choices=["ta_wide", "ra"], help="train.py's augmentation policy")
     parser.add_argument("--sam", type=POSITIVE_FLOAT, help="train.py's --sam RHO: two passes per step")
-    args = parser.parse_args(argv)
+    parser.add_argument("--startup", action="store_true",
+                        help="time train.py's start-up instead, as child processes given the flags after --")
+    own, args_for_train = split_at_dashes(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(own)
+    args.train_flags = args_for_train
     too_big = [size for size in args.batch_sizes if size > args.train_images]
     if too_big:
         parser.error(f"--batch-sizes {too_big[0]} is more than --train-images {args.train_images}")
@@ -163,8 +179,46 @@ def format_row(row):
             + (" spread > 10 %: busy machine?" if row["noisy"] else ""))
 
 
+def time_start_up(train_flags, repeats):
+    """(min, median, max) seconds of each part of train.py's start-up, timed from outside over `repeats` runs."""
+    imports, first_steps = [], []
+    for _ in range(repeats):
+        spawned = time.time()
+        subprocess.run([sys.executable, "-c", "import train, train_utils"], cwd=REPO, check=True)
+        imports.append(time.time() - spawned)
+        with tempfile.TemporaryDirectory() as folder:
+            spawned = time.time()
+            result = subprocess.run([sys.executable, "train.py", *train_flags, "--epochs", "1", "--checkpoint-dir",
+                                     folder], cwd=REPO, capture_output=True, text=True)
+        ended = re.search(r"first step done at Unix time ([\d.]+)", result.stdout)
+        if result.returncode or not ended:
+            raise StartUpError((result.stderr.strip().splitlines() or ["no first step"])[-1].removeprefix("error: "))
+        first_steps.append(float(ended.group(1)) - spawned)
+    return {"python with the modules train.py loads (torch among them)": spread(imports),
+            "spawn to the end of the first training step": spread(first_steps)}
+
+
+class StartUpError(RuntimeError):
+    """The timed train.py run failed; its last line of errors says why."""
+
+
+def show_start_up(train_flags, repeats):
+    parts = time_start_up(train_flags, repeats)
+    print(f"train.py's start-up, {repeats} runs: python train.py {' '.join(train_flags)} --epochs 1\n\n"
+          f"| part | seconds min / median / max |\n|---|---|")
+    for part, (low, median, high) in parts.items():
+        print(f"| {part} | {low:.2f} / {median:.2f} / {high:.2f} |")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.startup:
+        try:
+            show_start_up(args.train_flags, args.repeats)
+        except StartUpError as err:
+            print(f"error: train.py failed: {err}", file=sys.stderr)
+            return 1
+        return 0
     try:
         device = get_device(args.device)
     except DeviceError as err:

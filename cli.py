@@ -112,3 +112,10 @@ def exit_worker(code):
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
     os._exit(code)
+
+
+def split_at_dashes(argv):
+    """(a script's own flags, the flags after -- that it hands to the commands it runs)."""
+    if "--" not in argv:
+        return list(argv), []
+    return list(argv[:argv.index("--")]), list(argv[argv.index("--") + 1:])

@@ -14,7 +14,6 @@ import pickle
 import shutil
 import sys
 import tarfile
-import time
 import urllib.request
 import zipfile
 import zlib
@@ -418,17 +417,14 @@ class DataReader:
     instead: a run that stops before would otherwise wait for the download to end."""
 
     def __init__(self, data_dir, download):
-        self.data_dir, self.download, self.seconds, self.future = data_dir, download, 0.0, None
+        self.data_dir, self.download, self.future = data_dir, download, None
         if all((Path(data_dir) / FOLDER_NAME / name).is_file() for name in SPLIT_FILES):
             pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="data-reader")
             self.future = pool.submit(self.read)
             pool.shutdown(wait=False)
 
     def read(self):
-        started = time.perf_counter()
-        arrays = read_cifar100(self.data_dir, self.download)
-        self.seconds = time.perf_counter() - started
-        return arrays
+        return read_cifar100(self.data_dir, self.download)
 
     def arrays(self):
         return self.future.result() if self.future is not None else self.read()

@@ -4,7 +4,7 @@ import ctypes
 import os
 import signal
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -74,7 +74,6 @@ class Runtime:
     device: torch.device
     rank: int = 0
     world_size: int = 1
-    startup: dict = field(default_factory=dict)  # seconds this process spent on each part of its start-up
 
     @property
     def is_main(self):

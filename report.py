@@ -90,16 +90,6 @@ def describe_error(err):
     return f"{type(err).__name__}: {err}".strip().splitlines()[0][:160]
 
 
-def process_started_at():
-    """When this process started, by the wall clock (Linux: from /proc); elsewhere, the moment train.py began."""
-    try:
-        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
-            since_boot = float(stat.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
-            return time.time() - (float(uptime.read().split()[0]) - since_boot)
-    except (OSError, ValueError, IndexError):
-        return time.time()
-
-
 def describe_run(run, resumed):
     config = run.config
     parameters = sum(p.numel() for p in run.model.parameters())
@@ -144,20 +134,17 @@ def plural(count, noun):
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def describe_timing(run, first_epoch, fit_started_at, started_at):
-    """Start-up, part by part, to the end of the first step; and the start-up work done in the first epoch (the
-    first step, with cudnn's search and compilation, and the graph capture), left out of epoch times and img/s."""
+def describe_start_up_work(run, first_epoch):
+    """The start-up work done in the first epoch (the first step, with cudnn's search and compilation, and the graph
+    capture), left out of epoch times and img/s; when the first step ended, by the clock (bench.py and reproduce.py
+    time a run's start-up from outside with it); and which step trained."""
     step = run.train_step
     if step.first_step_at is None:
         return "no training step ran"
-    parts = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in run.runtime.startup.items())
     work = ["the first step"] + ["cudnn's choice of algorithms"] * (run.runtime.device.type == "cuda") + \
         ["compilation"] * run.config.compile + ["the CUDA graph capture"] * (step.graph is not None)
-    return (f"first training step done {step.first_step_at - started_at:.1f}s after start: {parts}, then "
-            f"{step.first_step_at - fit_started_at:.1f}s to the first step's end (epoch {first_epoch}'s "
-            f"augmentation, {', '.join(work)}); the reading went on beside the device's set-up\n"
-            f"{step.setup_seconds:.2f}s of start-up work in epoch {first_epoch} ({', '.join(work)}) not counted in "
-            f"epoch times; training step: {step.kind}")
+    return (f"{step.setup_seconds:.2f}s of start-up work in epoch {first_epoch} ({', '.join(work)}) not counted in "
+            f"epoch times; first step done at Unix time {step.first_step_at:.3f}; training step: {step.kind}")
 
 
 def describe_outcome(run, outcome, seconds, epochs_before, final_tests=None):

@@ -12,7 +12,7 @@ runs/<table>/<run>/, and the table, with the device, the torch version and the d
 results/<table>/table.md as well as the screen. The table holds every run of it in results/,
 so a table split over several commands (each with its own --runs) comes out whole. A rerun
 keeps the earlier results until it has succeeded, then replaces them. Wall time is the whole
-process, start to exit.
+process, start to exit; the first step's is from the spawn to the end of the run's first training step.
 """
 import datetime
 import json
@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cli import Parser
+from cli import Parser, split_at_dashes
 from run_dir import read_metrics
 
 REPO = Path(__file__).resolve().parent
@@ -102,9 +102,8 @@ def parse_args(argv=None):
     parser.add_argument("--runs", help="comma-separated names of the runs to do (default: every run of the table)")
     parser.add_argument("--results", default="results", help="where each run's output and metrics.csv go")
     parser.add_argument("--work", default="runs", help="where each run's checkpoints go")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = parser.parse_args(argv[:len(argv) - len(extra) - ("--" in argv)])
+    own, extra = split_at_dashes(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(own)
     args.extra = extra  # flags for the runs: after --, added to every run's command
     if args.table == CHECK:
         if args.runs or extra:
@@ -142,13 +141,13 @@ def whole_run_row(run, folder):
     record = json.loads((folder / "run.json").read_text())
     command, code = record["command"], record["exit_code"]
     output = (folder / "output.txt").read_text()
-    first_step = re.search(r"first training step done ([\d.]+)s after start", output)
+    first_step = re.search(r"first step done at Unix time ([\d.]+)", output)
     rows = read_metrics(folder / "metrics.csv") if (folder / "metrics.csv").is_file() else []
     split = "val" if "--val-size" in command else "test"
     top1 = 100 * float(rows[-1][f"{split}_top1"]) if rows and rows[-1].get(f"{split}_top1") else None
     epoch_seconds = [float(row["epoch_seconds"]) for row in rows]
     cells = [run.name, f"`python {' '.join(command)}`", str(len(rows)), f"{record['wall_seconds']:.1f}",
-             first_step.group(1) if first_step else "–",
+             f"{float(first_step.group(1)) - record['spawned_at']:.1f}" if first_step else "–",
              f"{statistics.median(epoch_seconds):.2f}" if epoch_seconds else "–",
              f"{split} {top1:.2f} %" if top1 is not None else "–"]
     if code != 0:
@@ -201,6 +200,7 @@ def run_into(run, extra, results, work):
     command = [*run.command, *extra]
     print(f"== {results.name}/{run.name}: python {' '.join(command)}", flush=True)
     where = ["--checkpoint-dir", str(work / run.name)] if is_whole_run(run) else []
+    spawned_at = time.time()  # the first step's end, which the run prints by the clock, is timed from here
     try:
         code, wall_seconds = run_and_log(command + where, partial / "output.txt")
     except KeyboardInterrupt:
@@ -208,8 +208,8 @@ def run_into(run, extra, results, work):
         raise
     if is_whole_run(run) and (work / run.name / "metrics.csv").is_file():
         shutil.copy(work / run.name / "metrics.csv", partial / "metrics.csv")
-    (partial / "run.json").write_text(json.dumps({"command": command, "exit_code": code,
-                                                  "wall_seconds": wall_seconds}) + "\n")
+    (partial / "run.json").write_text(json.dumps({"command": command, "exit_code": code, "wall_seconds": wall_seconds,
+                                                  "spawned_at": spawned_at}) + "\n")
     earlier = results / run.name
     if code == 0 or not earlier.exists():
         replace_folder(partial, earlier)

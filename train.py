@@ -19,12 +19,9 @@ from pathlib import Path
 
 from cli import exit_worker, quit_while_starting
 from config import Config, parse_args, resumed_config
-from report import (Notes, describe_outcome, describe_run, describe_timing, draw_plot, fail, open_tensorboard,
-                    plot_is_possible, process_started_at, resume_command, show)
+from report import (Notes, describe_outcome, describe_run, describe_start_up_work, draw_plot, fail, open_tensorboard,
+                    plot_is_possible, resume_command, show)
 from run_dir import CheckpointError, RunDir, load_checkpoint
-
-STARTED = process_started_at()  # the process's own start, so "first step after start" counts the imports too
-
 
 def main(argv=None):
     """`python train.py`: returns the exit code."""
@@ -73,21 +70,16 @@ def first_look(args, explicit):
 def run(args, explicit):
     """torch loaded, the device set up (the data read beside it), then the training or --evaluate; every error of
     the user's making is one line."""
-    torch_started = time.time()
     from dataset_utils import DataError, DataReader  # the first of them loads torch
     from device_utils import DeviceError, leave_together, setup_runtime, teardown_runtime
     from evaluation import evaluate_checkpoint
     from train_step import NonFiniteLossError
-    imported = time.time()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here a Ctrl-C is handled below
     reader = DataReader(args.data_dir, not args.no_download)
-    started = time.perf_counter()
     try:
         runtime = setup_runtime(args.device)
     except DeviceError as err:
         return fail(err)
-    runtime.startup.update({"python": torch_started - STARTED, "import torch": imported - torch_started,
-                            "device": time.perf_counter() - started})
     try:
         if args.evaluate is not None:
             path = checkpoint_path(args.evaluate, args.checkpoint_dir, RunDir.BEST)
@@ -128,22 +120,17 @@ def train(args, explicit, runtime, reader):
         config = replace(config, checkpoint_dir=str(folder))
         if config.sync_bn and runtime.device.type != "cuda":
             raise DeviceError("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU implementation)")
-        arrays, started = reader.arrays(), time.perf_counter()
-        loaders = load_cifar100(config, runtime, arrays)
-        runtime.startup.update({"reading the data": reader.seconds,
-                                "data to the device": time.perf_counter() - started})
-        started = time.perf_counter()
+        loaders = load_cifar100(config, runtime, reader.arrays())
         run = build_run(config, runtime, loaders, run_dir=run_dir, resumed=resumed)
         if resumed is not None:  # the checkpoint fits this run: the folder may take it in now
             on_main_rank(runtime, lambda: run_dir.adopt(*resumed))
         if config.tensorboard and runtime.is_main:
             run.tensorboard = open_tensorboard(run_dir.tensorboard)
-        runtime.startup["model"] = time.perf_counter() - started
         if runtime.is_main:
             show(describe_run(run, resumed), run.interrupt)
         plot = config.plot and runtime.is_main and plot_is_possible()
         run.interrupt.install()
-        epochs_before, started, fit_started_at = run.state.epoch, time.perf_counter(), time.time()
+        epochs_before, started = run.state.epoch, time.perf_counter()
         try:
             outcome = fit(run)
         except NonFiniteLossError as err:
@@ -152,7 +139,7 @@ def train(args, explicit, runtime, reader):
             raise NonFiniteLossError(f"{err}; stopped with {kept}") from None
         final_tests = test_final_and_best(run) if run.val_loader is not None and outcome != "interrupted" else None
         if runtime.is_main:
-            show(describe_timing(run, epochs_before + 1, fit_started_at, STARTED), run.interrupt)
+            show(describe_start_up_work(run, epochs_before + 1), run.interrupt)
             show(describe_outcome(run, outcome, time.perf_counter() - started, epochs_before=epochs_before,
                                   final_tests=final_tests), run.interrupt)
             if outcome == "interrupted":

@@ -8,6 +8,7 @@ import contextlib
 import copy
 import sys
 import time
+import typing
 import warnings
 from dataclasses import dataclass
 
@@ -101,6 +102,18 @@ class SharpnessAware:
                 module.track_running_stats = True
 
 
+class RunningSums(typing.NamedTuple):
+    """An epoch's running sums on this rank, in the order the step keeps them in one device tensor (`sums`)."""
+
+    loss_sum: float
+    correct: float  # predictions that hit, each counted by its target's share under mixing
+    steps_done: float
+    first_bad_step: float  # the first step whose loss was not finite; -1 while none was
+
+
+LOSS_SUM, CORRECT, STEPS_DONE, FIRST_BAD_STEP = range(len(RunningSums._fields))
+
+
 @dataclass
 class StepParts:
     """What a training step works with: the model it trains (as wrapped for torchrun or compiled), its optimizer and
@@ -116,8 +129,7 @@ class StepParts:
 class TrainStep:
     """Forward, loss, backward and SGD update of one batch, eagerly (CPU, MPS, torchrun, and the fallback).
 
-    The epoch's running sums stay on the device in `sums`: loss sum, correct predictions,
-    steps done, and the first step whose loss was not finite (-1 while none was).
+    The epoch's running sums stay on the device in `sums`, a tensor in `RunningSums`' order.
     """
 
     kind = planned = "eager"  # `kind`: the step that ran; `planned`: the one asked for
@@ -127,7 +139,7 @@ class TrainStep:
         self.model, self.optimizer, self.criterion = parts.model, parts.optimizer, parts.criterion
         self.average, self.sharpness = parts.average, parts.sharpness
         self.device, self.precision = device, precision
-        self.sums = torch.zeros(4, device=device)
+        self.sums = torch.zeros(len(RunningSums._fields), device=device)
         self.first_step_seconds = 0.0  # the process's first step: cudnn's choice of algorithms, compilation
         self.capture_seconds = 0.0  # the CUDA graph's capture
         self.first_step_at = None  # time.time() when the process's first step had finished
@@ -165,14 +177,16 @@ class TrainStep:
         return loss, logits
 
     def record(self, loss, logits, labels):
-        first_bad = torch.where((self.sums[3] < 0) & ~loss.isfinite(), self.sums[2], self.sums[3])
+        sums = self.sums
+        first_bad = torch.where((sums[FIRST_BAD_STEP] < 0) & ~loss.isfinite(), sums[STEPS_DONE], sums[FIRST_BAD_STEP])
         predicted = logits.argmax(1, keepdim=True)
         if labels.dim() == 2:  # mixed targets (--mixup, --cutmix): a hit counts the predicted class's share
             hits = labels.gather(1, predicted).sum()
         else:
             hits = (predicted.squeeze(1) == labels).sum()
-        self.sums[:3] += torch.stack([loss.float() * len(labels), hits.float(), torch.ones((), device=self.device)])
-        self.sums[3] = first_bad
+        sums[LOSS_SUM:FIRST_BAD_STEP] += torch.stack([loss.float() * len(labels), hits.float(),
+                                                      torch.ones((), device=self.device)])
+        sums[FIRST_BAD_STEP] = first_bad
 
 
 class GraphedTrainStep(TrainStep):

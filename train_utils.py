@@ -24,7 +24,8 @@ from evaluation import evaluate
 from report import Progress, format_epoch_line, log_tensorboard, show
 from run_dir import CheckpointError
 from signals import Interrupt
-from train_step import NonFiniteLossError, SharpnessAware, StepParts, TrainStep, WeightAverage, make_train_step
+from train_step import (CORRECT, LOSS_SUM, NonFiniteLossError, RunningSums, SharpnessAware, StepParts, TrainStep,
+                        WeightAverage, make_train_step)
 
 SYNC_POINTS_PER_EPOCH = 10
 
@@ -197,15 +198,15 @@ def train_one_epoch(run, show_progress=None):
             if next_epoch_wanted:  # now, with steps queued to keep the GPU busy, and after the graph capture
                 loader.prepare(epoch + 1)
                 next_epoch_wanted = False
-            loss_sum, _, steps_done, first_bad_step = check_in(train_step.sums, runtime)
-            if first_bad_step >= 0:
+            sums = check_in(train_step.sums, runtime)
+            if sums.first_bad_step >= 0:
                 raise NonFiniteLossError(f"the training loss became NaN or infinite at epoch {epoch + 1}, "
-                                         f"step {int(first_bad_step) + 1}")
+                                         f"step {int(sums.first_bad_step) + 1}")
             if interrupt.agreed(runtime) and not last_step:
                 stopped_at_step = step + 1
                 break
             stepping = time.perf_counter() - stepping_started - (train_step.setup_seconds - setup_at_start)
-            progress.report(step, loss=loss_sum / (steps_done * len(labels)),
+            progress.report(step, loss=sums.loss_sum / (sums.steps_done * len(labels)),
                             lr=run.schedule.lrs(epoch * loader.steps_per_epoch + step)[0],
                             images_per_sec=images_done * runtime.world_size / max(stepping, 1e-9), seconds=stepping)
     progress.close()
@@ -213,17 +214,18 @@ def train_one_epoch(run, show_progress=None):
     seconds = time.perf_counter() - started - (train_step.setup_seconds - setup_at_start)
     previous_images, previous_seconds = (totals["images"], totals["seconds"]) if totals else (0, 0.0)
     sums = train_step.sums.clone()
-    epoch_totals = EpochTotals(sums[0], sums[1], previous_images + images_done, previous_seconds + seconds)
+    epoch_totals = EpochTotals(sums[LOSS_SUM], sums[CORRECT], previous_images + images_done,
+                               previous_seconds + seconds)
     return epoch_totals, stopped_at_step
 
 
 def check_in(sums, runtime):
-    """A sync point: this rank's sums as numbers, the first non-finite step taken over all ranks."""
-    values = sums.tolist()
+    """A sync point: this rank's sums as numbers (RunningSums), the first non-finite step taken over all ranks."""
+    values = RunningSums(*sums.tolist())
     if runtime.distributed:
-        first_bad = torch.tensor([values[3]], device=sums.device)
+        first_bad = torch.tensor([values.first_bad_step], device=sums.device)
         dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
-        values[3] = first_bad.item()
+        values = values._replace(first_bad_step=first_bad.item())
     return values
 
 

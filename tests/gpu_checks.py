@@ -1,4 +1,5 @@
 """The in-process GPU checks of test_gpu.py; each runs in its own process: `python tests/gpu_checks.py CHECK`."""
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +13,7 @@ from config import Augmentation, Config, parse_args  # noqa: E402
 from dataset_utils import EvalLoader, TrainLoader  # noqa: E402
 from device_utils import Runtime  # noqa: E402
 from model import build_model  # noqa: E402
-from train_step import SharpnessAware, StepParts, WeightAverage, make_train_step  # noqa: E402
+from train_step import RunningSums, SharpnessAware, StepParts, WeightAverage, make_train_step  # noqa: E402
 from train_utils import OneCycle, build_run, make_criterion, make_optimizer, train_one_epoch  # noqa: E402
 
 
@@ -61,8 +62,10 @@ def check_graph_replays_match_eager_steps(rho=None):
     apart = sum((a - b).norm() ** 2 for a, b in zip(eager, replayed)).sqrt()
     print(f"eager moved the weights {moved:.4g}; graph and eager differ by {apart:.4g}")
     assert apart < 0.05 * moved  # bf16 rounding and cudnn's algorithm choice, not a different computation
-    assert eager_sums[2] == replayed_sums[2] == len(batches) and eager_sums[3] == replayed_sums[3] == -1
-    assert abs(eager_sums[0] - replayed_sums[0]) < 0.02 * eager_sums[0]
+    eager_sums, replayed_sums = RunningSums(*eager_sums.tolist()), RunningSums(*replayed_sums.tolist())
+    assert eager_sums.steps_done == replayed_sums.steps_done == len(batches)
+    assert eager_sums.first_bad_step == replayed_sums.first_bad_step == -1
+    assert abs(eager_sums.loss_sum - replayed_sums.loss_sum) < 0.02 * eager_sums.loss_sum
     assert eager_lr == pytest.approx(replayed_lr)
 
 
@@ -99,7 +102,8 @@ def six_epochs_beside_their_preparation(step, optimizer):
         torch.cuda.synchronize()
         reserved.append(torch.cuda.memory_reserved())
     assert torch.cuda.current_stream() == torch.cuda.default_stream()  # not the capture's stream
-    assert step.sums[2].item() == loader.steps_per_epoch and torch.isfinite(step.sums[0])
+    sums = RunningSums(*step.sums.tolist())
+    assert sums.steps_done == loader.steps_per_epoch and math.isfinite(sums.loss_sum)
     print(f"memory reserved after each epoch: {[f'{value / 2**20:.0f} MiB' for value in reserved]}")
     assert reserved[-1] - reserved[2] < 2**20 * 16  # a prepared epoch's buffer is 48 MiB: none is held back
     torch.cuda.empty_cache()  # asserts inside the allocator if a capture is still counted as under way

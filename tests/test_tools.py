@@ -2,6 +2,7 @@
 import datetime
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -115,6 +116,24 @@ def test_bench_on_a_device_this_machine_lacks_is_one_line(capsys):
     assert capsys.readouterr().err == "error: device 'cuda' was asked for, but no CUDA GPU is available\n"
 
 
+def test_bench_times_train_pys_start_up_from_outside(cifar_dir):
+    import subprocess
+    import sys
+
+    from conftest import REPO, TINY_MODEL
+    spawned = time.time()
+    result = subprocess.run([sys.executable, str(REPO / "bench.py"), "--startup", "--repeats", "1", "--",
+                             *TINY_MODEL, "--data-dir", str(cifar_dir), "--no-download", "--batch-size", "16"],
+                            capture_output=True, text=True, timeout=300)
+    whole = time.time() - spawned
+    assert result.returncode == 0, result.stderr
+    rows = {line.split(" | ")[0][2:]: [float(value) for value in line.split(" | ")[1].strip(" |").split(" / ")]
+            for line in result.stdout.splitlines() if line.startswith("| ") and "/" in line and "part" not in line}
+    imports, first_step = rows["python with the modules train.py loads (torch among them)"], \
+        rows["spawn to the end of the first training step"]
+    assert 0 < imports[1] < first_step[1] < whole  # the imports are part of the start-up, itself part of the call
+
+
 def test_the_package_lists_every_module_so_pip_install_e_imports_them_anywhere():
     import tomllib
 
@@ -160,6 +179,8 @@ def test_reproduce_runs_a_tables_commands_keeps_their_logs_and_prints_the_table(
     assert heading.startswith("fast: ") and ", torch 2." in heading and heading.endswith(str(datetime.date.today()))
     assert "`python train.py --preset fast --seed 1 --model wideresnet" in row
     assert row.endswith(f"| test {100 * float(rows[-1]['test_top1']):.2f} % |")
+    wall_seconds, first_step_seconds = (float(cell) for cell in row.split(" | ")[3:5])
+    assert 0 < first_step_seconds < wall_seconds  # from the spawn to the first step's end, which the run printed
     again = reproduce("fast", "--runs", "seed1", "--", *tiny, cwd=tmp_path)  # never over an earlier run's folder
     assert again.returncode == 2 and again.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'runs' / 'fast' / 'seed1'} already exist: move them away, or pass another --work folder"]

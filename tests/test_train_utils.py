@@ -193,7 +193,7 @@ def test_the_schedule_is_torchs_one_cycle_to_the_bit_as_a_function_of_the_step(t
               {"params": [torch.zeros(1, requires_grad=True)], "lr": 0.8}]
     optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
     ours = train_utils.OneCycle.for_optimizer(optimizer, total_steps, momenta)
-    options = {"cycle_momentum": False} if momenta is None else {"base_momentum": momenta[0], "max_momentum": momenta[1]}
+    options = {"cycle_momentum": False} if momenta is None else dict(zip(("base_momentum", "max_momentum"), momenta))
     reference = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[0.1, 0.8], total_steps=total_steps, **options)
     for step in range(total_steps):
         assert ours.lrs(step) == [group["lr"] for group in optimizer.param_groups], step  # equal, not approximately
@@ -400,9 +400,9 @@ def test_train_top1_under_mixing_counts_each_hit_by_its_share_of_the_target(cifa
     logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 1.0], [0.0, 0.0, 9.0]])  # predicts classes 1, 0, 2
     mixed = torch.tensor([[0.3, 0.7, 0.0], [0.6, 0.0, 0.4], [1.0, 0.0, 0.0]])  # as mixup-cifar10 counts them:
     step.record(torch.tensor(1.0), logits, mixed)  # lambda * hit(a) + (1 - lambda) * hit(b) per image
-    assert step.sums[1].item() == pytest.approx(0.7 + 0.6 + 0.0)
+    assert step.sums[train_step.CORRECT].item() == pytest.approx(0.7 + 0.6 + 0.0)
     step.record(torch.tensor(1.0), logits, torch.tensor([1, 2, 2]))
-    assert step.sums[1].item() == pytest.approx(1.3 + 2)
+    assert step.sums[train_step.CORRECT].item() == pytest.approx(1.3 + 2)
 
 
 def test_the_progress_bar_starts_after_the_epochs_augmentation_so_its_rate_counts_steps_alone(cifar_dir,
