@@ -4,7 +4,6 @@ import argparse
 import enum
 import os
 import re
-import typing
 from dataclasses import dataclass, field, fields, replace
 
 from cli import (FRACTION, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, FlagError, Parser,
@@ -121,9 +120,7 @@ class Config:
             if rule is OnResume.THIS_COMMAND or name not in saved and rule is OnResume.MAY_CHANGE:
                 merged[name] = getattr(self, name)
                 continue
-            stored = saved[name] if name in saved else getattr(defaults, name)
-            if not fits_type(stored, setting.type):
-                raise CheckpointError(f"{path} is damaged: its setting {name} is a {type(stored).__name__}")
+            stored = saved[name] if name in saved else getattr(defaults, name)  # checked by check_saved_settings
             merged[name] = given.get(name, stored) if rule is OnResume.MAY_CHANGE else stored
             if rule is OnResume.FIXED and name in given and given[name] != stored:
                 flag = "--" + name.replace("_", "-")
@@ -146,14 +143,6 @@ class Config:
         if self.model == "wideresnet":
             kwargs = {"depth": self.depth, "widen_factor": self.widen_factor, "dropout": self.dropout}
         return {"name": self.model, "num_classes": 100, "kwargs": kwargs}  # CIFAR-100's fine classes
-
-
-def fits_type(value, annotation):
-    """Whether a stored setting has its field's type (an int does for a float; True is no number here)."""
-    kinds = typing.get_args(annotation) or (annotation,)
-    if float in kinds:
-        kinds += (int,)
-    return type(value) in kinds
 
 
 def check_model_config(checkpoint, model_config, path):
@@ -303,8 +292,8 @@ def parse_args(argv=None):
     if args.sync_bn and (int(os.environ.get("WORLD_SIZE", "1")) < 2 or args.device in ("cpu", "mps")):
         parser.error("--sync-bn needs several processes on CUDA GPUs (torchrun)")
     check_combination(args, parser)
-    for flag, needs, value in (("cutmix_prob", "cutmix", None), ("asam", "sam", None),
-                               ("ra_num_ops", "auto_augment", "ra"), ("ra_magnitude", "auto_augment", "ra")):
+    for flag, needs, value in (("cutmix_prob", "cutmix", None), ("ra_num_ops", "auto_augment", "ra"),
+                               ("ra_magnitude", "auto_augment", "ra")):
         if flag in explicit and not (getattr(args, needs) if value is None else getattr(args, needs) == value):
             parser.error(f"--{flag.replace('_', '-')} needs --{needs.replace('_', '-')}{' ' + value if value else ''}")
     if args.cutmix_prob is None:
@@ -329,20 +318,29 @@ def check_combination(args, parser):
         parser.error("--nesterov needs a momentum above 0")
     if (args.depth - 4) % 6:
         parser.error(f"argument --depth: {args.depth} is not 6n+4 (10, 16, 22, 28, ...)")
+    if args.asam and not args.sam:
+        parser.error("--asam needs --sam")
 
 
 def check_saved_settings(saved, path):
-    """A checkpoint's recipe goes through the very checks its flags would: one definition of each range."""
+    """A checkpoint's recipe goes through its flags' own checks, once: each setting must be what its flag parses
+    back to (a range, a type or a missing value is refused as the flag would refuse it), and the checks between
+    settings must hold."""
     rules = {setting.name: OnResume.of(setting) for setting in fields(Config)}
     unknown = sorted(set(saved) - set(rules))
     if unknown:
         raise CheckpointError(f"{path} is damaged: its settings hold {', '.join(unknown)}, which train.py has not")
-    flags = as_flags({name: value for name, value in saved.items() if rules[name] is not OnResume.THIS_COMMAND})
+    recipe = {name: value for name, value in saved.items() if rules[name] is not OnResume.THIS_COMMAND}
     parser = build_parser(raising=True)
     try:
-        check_combination(parser.parse_args(flags), parser)
+        parsed = parser.parse_args(as_flags(recipe))
+        check_combination(parsed, parser)
     except FlagError as err:
         raise CheckpointError(f"{path} is damaged: its settings fail their flags' checks ({err})") from None
+    for name, value in recipe.items():
+        if getattr(parsed, name) != value:
+            raise CheckpointError(f"{path} is damaged: its setting {name} is {value!r}, which --"
+                                  f"{name.replace('_', '-')} cannot give")
 
 
 def resumed_config(args, explicit, checkpoint, path):

@@ -343,6 +343,7 @@ DAMAGES = [misshape_a_weight, drop_a_weight, add_a_weight, misshape_a_momentum_b
            setting("cutout", 1000), setting("min_momentum", 5.0), setting("dropout", 5.0), setting("batch_size", -3),
            setting("epochs", -1), setting("lr", -0.1), setting("label_smoothing", 5.0), setting("seed", -1),
            setting("seed", 2**40), setting("mixup", -1.0), setting("an_unknown_setting", 1),
+           setting("asam", True), setting("lr", None), setting("depth", 28.0), setting("tta", 1),
            optimizer_setting("weight_decay", None), optimizer_setting("momentum", "0.9"),
            schedule_field("_anneal_func_type", "foo"), schedule_field("cycle_momentum", True),
            drop_a_history_value, make_a_history_value_a_string, misshape_the_epoch_totals]
