@@ -30,13 +30,15 @@ import time
 from pathlib import Path
 
 from cli import POSITIVE_FLOAT, POSITIVE_INT, Parser, bounded, comma_separated, one_of, split_at_dashes
+from config import Config, device_name
+from config import parse_args as parse_train_flags
 
 REPO = Path(__file__).resolve().parent
 
 
 def parse_args(argv=None):
     parser = Parser(__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
+    parser.add_argument("--device", type=device_name, default="auto", help="auto, cuda, cuda:N, mps or cpu")
     parser.add_argument("--models", type=comma_separated(one_of("resnet18", "wideresnet")), default="resnet18",
                         help="comma-separated: resnet18, wideresnet (WRN-28-10)")
     parser.add_argument("--batch-sizes", type=comma_separated(POSITIVE_INT), default="128,512",
@@ -69,8 +71,6 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 from augment import plan_epoch  # noqa: E402
-from config import Config  # noqa: E402
-from config import parse_args as parse_train_flags  # noqa: E402
 from dataset_utils import EvalLoader, TrainLoader  # noqa: E402
 from device_utils import DeviceError, Runtime, get_device, input_dtype, resolve_precision, synchronize  # noqa: E402
 from evaluation import evaluate  # noqa: E402

@@ -6,8 +6,8 @@ import os
 import re
 from dataclasses import dataclass, field, fields, replace
 
-from cli import (FRACTION, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, FlagError, Parser,
-                 bounded, non_empty)
+from cli import (FLOAT32_MAX, FRACTION, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, FlagError,
+                 Parser, bounded, non_empty)
 from run_dir import CheckpointError
 
 
@@ -124,7 +124,8 @@ class Config:
             merged[name] = given.get(name, stored) if rule is OnResume.MAY_CHANGE else stored
             if rule is OnResume.FIXED and name in given and given[name] != stored:
                 flag = "--" + name.replace("_", "-")
-                raise CheckpointError(f"{path} was trained with {flag} {stored}; refusing {flag} {given[name]} "
+                trained = f"without {flag}" if stored is None else f"with {flag} {stored}"
+                raise CheckpointError(f"{path} was trained {trained}; refusing {flag} {given[name]} "
                                       f"(start a new run in another --checkpoint-dir instead)")
         return replace(self, **merged)
 
@@ -165,6 +166,9 @@ PRESETS = {
 }
 
 
+MAX_DEPTH = 1000  # WideResNet-1000 (166 blocks a stage) still builds; a deeper one would only exhaust memory
+
+
 def device_name(text):
     """auto, cpu, mps, cuda or cuda:N, checked by its form alone (whether it exists needs torch)."""
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
@@ -176,8 +180,9 @@ def build_parser(raising=False):
     parser = Parser("Train ResNet18 or WideResNet on CIFAR-100.", raising)
     model = parser.add_argument_group("model")
     model.add_argument("--model", choices=["resnet18", "wideresnet"], default="resnet18", help="the network")
-    model.add_argument("--depth", type=bounded(int, low=10), default=28, help="WideResNet depth, 6n+4")
-    model.add_argument("--widen-factor", type=bounded(int, low=1, high=32), default=10, help="WideResNet width multiplier")
+    model.add_argument("--depth", type=bounded(int, low=10, high=MAX_DEPTH), default=28, help="WideResNet depth, 6n+4")
+    model.add_argument("--widen-factor", type=bounded(int, low=1, high=32), default=10,
+                       help="WideResNet width multiplier")
     model.add_argument("--dropout", type=FRACTION, default=0.0, help="WideResNet dropout between convs")
     model.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm over GPUs under torchrun")
     optim = parser.add_argument_group("optimisation")
@@ -320,6 +325,8 @@ def check_combination(args, parser):
         parser.error(f"argument --depth: {args.depth} is not 6n+4 (10, 16, 22, 28, ...)")
     if args.asam and not args.sam:
         parser.error("--asam needs --sam")
+    if args.lr * args.bn_bias_lr_scale > FLOAT32_MAX:
+        parser.error(f"--lr {args.lr} times --bn-bias-lr-scale {args.bn_bias_lr_scale} is beyond float32")
 
 
 def check_saved_settings(saved, path):

@@ -159,6 +159,7 @@ def file_md5(path):
 def read_split(path):
     """One split's images (N, 3, 32, 32) uint8 and fine labels (N,) int64, checked for the CIFAR-100 layout; from
     the cache beside the pickle when a previous run made one from this very file."""
+    remove_abandoned_caches(cache_path(path))
     cached = read_cache(path)
     if cached is not None:
         return cached
@@ -205,6 +206,26 @@ def read_cache(path):
             or labels.min() < 0 or labels.max() >= NUM_CLASSES:
         return None
     return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def remove_abandoned_caches(cache):
+    """What a writer killed mid-write left beside `cache` (`.train.uint8.npz.tmp1234`, 150 MB for the real training
+    split): removed once the process that wrote it is gone. A run writing it now keeps its own."""
+    for entry in cache.parent.glob(cache.name + ".tmp*"):
+        writer = entry.name.rsplit(".tmp", 1)[1]
+        if writer.isdigit() and not process_exists(int(writer)):
+            with contextlib.suppress(OSError):
+                entry.unlink()
+
+
+def process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def write_cache(path, images, labels):

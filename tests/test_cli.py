@@ -24,7 +24,8 @@ from run_dir import load_checkpoint, read_metrics
                                                                                   "--ra-magnitude", "31"],
     ["--device", "gpu"], ["--device", "CPU"], ["--device", "cuda:x"], ["--checkpoint-dir", ""], ["--data-dir", " "],
     ["--workers", "100000"], ["--sync-bn"], ["--device", "tpu"], ["--lr", "1e39"], ["--wd", "1e300"],
-    ["--bn-bias-lr-scale", "0"], ["--flip", "never"],
+    ["--bn-bias-lr-scale", "0"], ["--flip", "never"], ["--lr", "1e30", "--bn-bias-lr-scale", "1e30"],
+    ["--depth", "6000000000000000000004"],
 ])
 def test_bad_flags_exit_2_with_a_message(train_main, capsys, flags):
     with pytest.raises(SystemExit) as exited:
@@ -212,6 +213,7 @@ def test_resume_with_no_checkpoint_is_an_error_not_a_fresh_start(train_main, cif
     (["--widen-factor", "2"], "refusing --widen-factor 2"),
     (["--batch-size", "32"], "refusing --batch-size 32"),
     (["--lr", "0.5"], "refusing --lr 0.5"),
+    (["--sam", "0.1"], "was trained without --sam; refusing --sam 0.1"),  # not "with --sam None"
 ])
 def test_resume_refuses_flags_that_contradict_the_checkpoint(train_main, cifar_dir, tmp_path, capsys, flags,
                                                              message):

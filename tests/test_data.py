@@ -112,6 +112,20 @@ def rewrite_split(path, **changes):
     return entry
 
 
+def test_a_cache_abandoned_by_a_killed_writer_is_removed_by_the_next_read_and_a_live_writers_kept(cifar_dir):
+    import subprocess
+    import sys
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    folder = cifar_dir / "cifar-100-python"
+    abandoned = folder / f".train.uint8.npz.tmp{int(finished.stdout)}"  # its writer has exited
+    being_written = folder / f".train.uint8.npz.tmp{os.getppid()}"  # a live process's (this one writes its own)
+    users = folder / ".train.uint8.npz.tmp-notes"  # not a writer's: no process id
+    for path in (abandoned, being_written, users):
+        path.write_bytes(b"half a cache")
+    read_cifar100(cifar_dir, download=False)
+    assert not abandoned.exists() and being_written.exists() and users.exists()
+
+
 def test_labels_outside_0_to_99_are_refused(cifar_dir):
     path = cifar_dir / "cifar-100-python" / "test"
     rewrite_split(path, fine_labels=[100] * 32)

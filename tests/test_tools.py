@@ -111,6 +111,12 @@ def test_bench_answers_bad_flags_in_one_line(flags, message, capsys):
     assert message in line
 
 
+def test_bench_on_a_device_that_does_not_exist_is_a_flag_error_as_in_train_py(capsys):
+    with pytest.raises(SystemExit) as exited:
+        bench.main(["--device", "tpu"])
+    assert exited.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
 def test_bench_on_a_device_this_machine_lacks_is_one_line(capsys):
     assert bench.main(["--device", "cuda"]) == 1
     assert capsys.readouterr().err == "error: device 'cuda' was asked for, but no CUDA GPU is available\n"
