@@ -74,6 +74,7 @@ from augment import plan_epoch  # noqa: E402
 from dataset_utils import EvalLoader, TrainLoader  # noqa: E402
 from device_utils import DeviceError, Runtime, get_device, input_dtype, resolve_precision, synchronize  # noqa: E402
 from evaluation import evaluate  # noqa: E402
+from train_step import NonFiniteLossError  # noqa: E402
 from train_utils import build_run, train_one_epoch  # noqa: E402
 
 NOISY_SPREAD = 0.10
@@ -220,11 +221,10 @@ def main(argv=None):
             return 1
         return 0
     try:
-        device = get_device(args.device)
-    except DeviceError as err:
+        run_benchmarks(args, get_device(args.device))
+    except (DeviceError, NonFiniteLossError) as err:  # NonFiniteLossError: a --sam or batch too large to train
         print(f"error: {err}", file=sys.stderr)
         return 1
-    run_benchmarks(args, device)
     return 0
 
 

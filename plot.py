@@ -3,6 +3,7 @@
     python plot.py checkpoint/metrics.csv          # writes checkpoint/metrics.png
 """
 import csv
+import math
 import sys
 from pathlib import Path
 
@@ -43,10 +44,13 @@ def read_rows(metrics_path):
     if not rows:
         raise PlotError(f"{metrics_path} has no epochs yet")
     try:
-        return [{key: float(value) for key, value in row.items() if value} for row in rows]
+        numbers = [{key: float(value) for key, value in row.items() if value} for row in rows]
     except (TypeError, ValueError):
+        numbers = None
+    if numbers is None or not all("epoch" in row and all(map(math.isfinite, row.values())) for row in numbers):
         raise PlotError(f"{metrics_path} is not a metrics.csv written by train.py (it holds values that are not "
-                        f"numbers)") from None
+                        f"finite numbers, or an epoch without its number)")
+    return numbers
 
 
 def draw(rows):
@@ -78,6 +82,10 @@ def plot_metrics(metrics_path, png_path=None):
         raise PlotError(missing)
     metrics_path = Path(metrics_path)
     png_path = Path(png_path) if png_path else metrics_path.with_suffix(".png")
+    if png_path.is_dir():
+        png_path = png_path / "metrics.png"
+    elif png_path.suffix.lower() != ".png":  # matplotlib would add the suffix, and the path said would be wrong
+        png_path = png_path.with_name(png_path.name + ".png")
     if not png_path.parent.is_dir():
         raise PlotError(f"cannot write {png_path}: the folder {png_path.parent} does not exist")
     figure = draw(read_rows(metrics_path))

@@ -128,11 +128,24 @@ def run_and_log(command, log_path):
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, *command], cwd=REPO, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, bufsize=1)
-        for line in process.stdout:
-            sys.stdout.write(line)
-            log.write(line)
-        code = process.wait()
+        try:
+            for line in process.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()  # shown as it comes, also through a pipe
+                log.write(line)
+            code = process.wait()
+        except KeyboardInterrupt:  # a Ctrl-C reached the run too: it saves and stops; a lone SIGINT did not
+            wait_or_stop(process)
+            raise
     return code, time.perf_counter() - started
+
+
+def wait_or_stop(process, seconds=120):
+    try:
+        process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        process.wait()
 
 
 def whole_run_row(run, folder):
@@ -203,7 +216,7 @@ def run_into(run, extra, results, work):
     spawned_at = time.time()  # the first step's end, which the run prints by the clock, is timed from here
     try:
         code, wall_seconds = run_and_log(command + where, partial / "output.txt")
-    except KeyboardInterrupt:
+    except BaseException:  # a Ctrl-C, even a second one: nothing half-made stays, the earlier results are kept
         shutil.rmtree(partial, ignore_errors=True)
         raise
     if is_whole_run(run) and (work / run.name / "metrics.csv").is_file():

@@ -3,6 +3,7 @@ import datetime
 import math
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,6 +76,28 @@ def test_plot_answers_ordinary_mistakes_in_one_line(finished_run, tmp_path, mist
                                             "no such folder": "does not exist"}[mistake] in line
 
 
+@pytest.mark.parametrize("value", ["inf", "nan", ""], ids=["infinite", "nan", "an-empty-epoch"])
+def test_plot_refuses_a_metrics_file_with_values_train_py_never_writes(finished_run, value):
+    path = finished_run / "metrics.csv"
+    header, first, *rest = path.read_text().splitlines()
+    column = "epoch" if value == "" else "train_loss"
+    cells = dict(zip(header.split(","), first.split(",")), **{column: value})
+    path.write_text("\n".join([header, ",".join(cells[name] for name in header.split(",")), *rest]) + "\n")
+    with pytest.raises(PlotError, match="not finite numbers, or an epoch without its number"):
+        plot_metrics(path)
+
+
+def test_plot_into_a_folder_or_without_the_suffix_writes_and_says_the_png_it_wrote(finished_run, tmp_path, capsys):
+    import plot
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    assert plot.main([str(finished_run / "metrics.csv"), "-o", str(folder)]) == 0
+    assert plot.main([str(finished_run / "metrics.csv"), "-o", str(tmp_path / "curves")]) == 0
+    said = capsys.readouterr().out.split()
+    assert said == [str(folder / "metrics.png"), str(tmp_path / "curves.png")]
+    assert all(Path(path).read_bytes()[:4] == b"\x89PNG" for path in said)
+
+
 def test_tensorboard_logs_each_epoch(finished_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(finished_run / "tensorboard"))
@@ -115,6 +138,13 @@ def test_bench_on_a_device_that_does_not_exist_is_a_flag_error_as_in_train_py(ca
     with pytest.raises(SystemExit) as exited:
         bench.main(["--device", "tpu"])
     assert exited.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_bench_whose_training_diverges_says_so_in_one_line(capsys):
+    assert bench.main(["--device", "cpu", "--batch-sizes", "8", "--train-images", "32", "--test-images", "8",
+                       "--steps", "1", "--repeats", "1", "--sam", "3e38"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: the training loss became NaN or infinite")
 
 
 def test_bench_on_a_device_this_machine_lacks_is_one_line(capsys):
@@ -208,6 +238,30 @@ def test_a_failed_reproduce_rerun_keeps_the_earlier_results_and_a_split_table_co
     table = (tmp_path / "results" / "fast" / "table.md").read_text()
     assert [line.split(" |")[0] for line in table.splitlines() if line.startswith("| seed")] == ["| seed0", "| seed2"]
     assert not [path.name for path in seed0.parent.iterdir() if path.name.startswith(".")]  # no half-made folder
+
+
+def test_ctrl_c_on_reproduce_keeps_the_earlier_results_and_leaves_nothing_half_made(cifar_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO, TINY_MODEL
+    tiny = [*TINY_MODEL, "--data-dir", cifar_dir, "--no-download", "--batch-size", 16, "--device", "cpu"]
+    assert reproduce("default", "--", *tiny, "--epochs", 1, cwd=tmp_path).returncode == 0
+    results = tmp_path / "results" / "default"
+    before = {path.name: path.read_bytes() for path in (results / "seed0").iterdir()}
+    rerun = subprocess.Popen([sys.executable, str(REPO / "reproduce.py"), "default", "--work", "again", "--",
+                              *map(str, tiny), "--epochs", "5000"], cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # a terminal's group
+    for line in rerun.stdout:  # the run's first epoch line: it is training now
+        if line.startswith("epoch "):
+            break
+    os.killpg(rerun.pid, signal.SIGINT)  # Ctrl-C reaches every process of the group
+    rerun.stdout.read()
+    assert rerun.wait(timeout=120) == 130
+    assert rerun.stderr.read().strip().splitlines()[-1] == "interrupted: the earlier results are kept as they were"
+    assert {path.name: path.read_bytes() for path in (results / "seed0").iterdir()} == before
+    assert sorted(path.name for path in results.iterdir()) == ["seed0", "table.md"]
 
 
 def test_reproduce_check_writes_one_report_and_says_when_no_gpu_is_there(tmp_path):
