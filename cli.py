@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import math
 import os
+import signal
 import sys
 import textwrap
 
@@ -99,8 +100,23 @@ def one_of(*choices):
     return check
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, a batch system or a kill, a closed terminal
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal while a run starts, raised where the main thread is, as Ctrl-C's KeyboardInterrupt is."""
+
+    def __init__(self, signum=signal.SIGINT):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def raise_stopped(signum, frame):
+    raise Stopped(signum)
+
+
 def quit_while_starting(signum, frame):
-    """Ctrl-C while torch loads, before anything is written: one line, not a traceback."""
+    """A stop signal while torch loads, before anything is written: one line, not a traceback."""
     print("\ninterrupted while starting: nothing was written", file=sys.stderr, flush=True)
     os._exit(128 + signum)
 

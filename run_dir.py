@@ -370,6 +370,8 @@ class RunDir:
         finally:
             if self.lock is not None:
                 with contextlib.suppress(OSError):
+                    self.remove_own_temporaries()  # what a claim stopped halfway (a signal) may have left
+                    (self.path / self.PROBE).unlink(missing_ok=True)
                     if [entry.name for entry in self.path.iterdir()] == [self.LOCK]:
                         (self.path / self.LOCK).unlink()
                         if self.created:

@@ -3,6 +3,7 @@ import os
 import signal
 import sys
 
+from cli import STOP_SIGNALS
 from device_utils import max_over_ranks
 
 
@@ -18,7 +19,7 @@ class Interrupt:
         self.announce = announce  # rank 0 says what happens; under torchrun each rank gets the launcher's signal
 
     def install(self):
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: a closed terminal, a batch system
+        for signum in STOP_SIGNALS:
             signal.signal(signum, self.handle)
 
     def handle(self, signum, frame):

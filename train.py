@@ -17,7 +17,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from cli import exit_worker, quit_while_starting
+from cli import STOP_SIGNALS, Stopped, exit_worker, quit_while_starting, raise_stopped
 from config import Config, parse_args, resumed_config
 from report import (Notes, describe_outcome, describe_run, describe_start_up_work, draw_plot, fail, open_tensorboard,
                     plot_is_possible, resume_command, show)
@@ -35,7 +35,8 @@ def main(argv=None):
             if err.shown_by_rank_0:
                 time.sleep(1)  # torchrun stops the other workers as soon as one exits: rank 0 first has its say
             return fail(err)
-        signal.signal(signal.SIGINT, quit_while_starting)  # Ctrl-C while torch loads: one line, not a traceback
+        for signum in STOP_SIGNALS:  # while torch loads: one line, not a traceback
+            signal.signal(signum, quit_while_starting)
         return run(args, explicit)
     finally:
         sys.stderr = saved
@@ -74,7 +75,8 @@ def run(args, explicit):
     from device_utils import DeviceError, leave_together, setup_runtime, teardown_runtime
     from evaluation import evaluate_checkpoint
     from train_step import NonFiniteLossError
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here a Ctrl-C is handled below
+    for signum in STOP_SIGNALS:  # from here to the first step a stop is handled below, as Ctrl-C is
+        signal.signal(signum, raise_stopped)
     reader = DataReader(args.data_dir, not args.no_download)
     try:
         runtime = setup_runtime(args.device)
@@ -95,8 +97,8 @@ def run(args, explicit):
         if getattr(err, "every_rank_stops", False):
             leave_together(runtime)
         return code
-    except KeyboardInterrupt:
-        return fail("interrupted before training started; nothing needed saving", code=130)
+    except Stopped as stop:
+        return fail("interrupted before training started; nothing needed saving", code=128 + stop.signum)
     finally:
         teardown_runtime(runtime)
 

@@ -492,6 +492,24 @@ def test_ctrl_c_while_torch_loads_is_one_line_and_writes_nothing(trained, tmp_pa
     assert not (tmp_path / "ckpt").exists()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=["SIGTERM", "SIGHUP", "SIGINT"])
+def test_a_stop_signal_after_the_lock_and_before_training_is_one_line_and_leaves_no_folder(trained, tmp_path, signum):
+    """Between the lock and the handlers that save (model, optimizer and the first optimizer's imports: a second or
+    so), each stop signal behaves as Ctrl-C does there."""
+    cifar_dir, _ = trained
+    folder = tmp_path / "ckpt"
+    process = start_train(REPO / "train.py", *tiny_run_args(cifar_dir, folder, "--epochs", 1))
+    deadline = time.monotonic() + 120
+    while not (folder / ".lock").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended first"
+        time.sleep(0.002)
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signum, err
+    assert err.strip().splitlines() == ["error: interrupted before training started; nothing needed saving"]
+    assert not folder.exists()
+
+
 # ---- the file system changes under a running run ----
 
 
