@@ -273,11 +273,11 @@ class RunDir:
         if source is None:
             return
         if not self.is_own(source):
-            new = not self.held()
-            atomic_write(self.last, Path(source).read_bytes())
             best = Path(source).parent / self.BEST
-            if new and best.is_file() and run_id_of(best) == checkpoint.get("run_id"):
-                atomic_write(self.best, best.read_bytes())
+            if not self.held() and best.is_file() and run_id_of(best) == checkpoint.get("run_id"):
+                atomic_write(self.best, best.read_bytes())  # first: a kill before last.pt leaves a folder that the
+                # same command takes whole again (it holds that run's best alone, and no last.pt to be behind)
+            atomic_write(self.last, Path(source).read_bytes())
         self.reconcile(checkpoint)
 
     def take_lock(self):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import run_dir
 from conftest import REPO, load_weights, run_train, tiny_run_args, write_cifar100
 from run_dir import load_checkpoint, read_metrics
 from test_distributed import torchrun
@@ -194,6 +195,27 @@ def test_resuming_into_a_new_folder_makes_it_hold_the_whole_run(trained, tmp_pat
     assert load_checkpoint(new / "last.pt")["run_id"] == load_checkpoint(original / "last.pt")["run_id"]
     assert train_main(["--evaluate", "--checkpoint-dir", str(new), "--data-dir", str(cifar_dir),
                        "--no-download"]) == 0
+
+
+def test_a_kill_while_a_resume_adopts_its_checkpoint_into_a_new_folder_leaves_it_whole_or_to_take_again(
+        trained, tmp_path, train_main, monkeypatch):
+    """best.pt is copied in before last.pt, the commit point: a kill between the two leaves best.pt alone, which the
+    same command takes up again (and --evaluate reads meanwhile)."""
+    cifar_dir, original = trained
+    new, written = tmp_path / "new", []
+    real_write = run_dir.atomic_write
+    monkeypatch.setattr(run_dir, "atomic_write", lambda path, data: (written.append(Path(path).name),
+                                                                    real_write(path, data)))
+    assert train_main(tiny_run_args(cifar_dir, new, "--resume", original / "last.pt", "--epochs", 2)) == 0
+    assert [name for name in written if name.endswith(".pt")][:2] == ["best.pt", "last.pt"]
+    monkeypatch.undo()
+    killed = tmp_path / "killed"  # as a kill right after best.pt's copy leaves it
+    killed.mkdir()
+    (killed / "best.pt").write_bytes((original / "best.pt").read_bytes())
+    assert train_main(["--evaluate", "--checkpoint-dir", str(killed), "--data-dir", str(cifar_dir),
+                       "--no-download"]) == 0
+    assert train_main(tiny_run_args(cifar_dir, killed, "--resume", original / "last.pt", "--epochs", 2)) == 0
+    assert sorted(contents(killed)) == ["best.pt", "config.json", "last.pt", "metrics.csv"]
 
 
 def test_resuming_an_early_stopped_run_is_a_no_op_unless_the_target_moves(tmp_path, train_main, capsys):
