@@ -110,10 +110,10 @@ def restore(checkpoint, path, parts, steps_per_epoch):
     """Put the plain model, its optimizer and weight average (`parts`) back where `checkpoint` left them, and return
     where the run stands; a part that does not fit is named in one line."""
     with damage_reported(path, "weights"):
-        parts.model.load_state_dict(checkpoint["model"])
+        load_weights(parts.model, checkpoint["model"])
     if parts.average is not None:
         with damage_reported(path, "weight average (--ema)"):
-            parts.average.model.load_state_dict(checkpoint["ema"])
+            load_weights(parts.average.model, checkpoint["ema"])
     with damage_reported(path, "optimizer state"):
         load_optimizer_state(parts.optimizer, checkpoint["optimizer"])
     with damage_reported(path, "schedule"):
@@ -131,8 +131,18 @@ def restore(checkpoint, path, parts, steps_per_epoch):
 def restore_early_stopping(checkpoint, path, early_stopping):
     with damage_reported(path, "early-stopping record"):
         early_stopping.load_state_dict(checkpoint["early_stopping"])
-        if not all(is_a(top1, NUMBER) for top1 in early_stopping.top1_history):
-            raise ValueError("its top-1 values are not all numbers")
+        if not all(is_a(top1, NUMBER) and 0 <= top1 <= 1 for top1 in early_stopping.top1_history):
+            raise ValueError("its top-1 values are not all fractions in [0, 1]")
+
+
+def load_weights(model, weights):
+    """`weights` into `model`, each tensor of the type the model holds it in (load_state_dict would cast an integer
+    tensor into a float one without a word)."""
+    expected = model.state_dict()
+    for name, tensor in weights.items():
+        if name in expected and tensor.dtype != expected[name].dtype:
+            raise ValueError(f"its {name} is {tensor.dtype}, not {expected[name].dtype}")
+    model.load_state_dict(weights)
 
 
 def restore_generators(checkpoint, path, runtime, seed):
@@ -263,7 +273,7 @@ def model_from_config(config):
 def model_with_weights(config, weights, device="cpu"):
     """The model `config` describes, holding `weights`, on `device`, channels_last, in eval mode."""
     model = model_from_config(config)
-    model.load_state_dict(weights)
+    load_weights(model, weights)
     return model.to(device, memory_format=torch.channels_last).eval()
 
 

@@ -12,6 +12,7 @@ import csv
 import fcntl
 import io
 import json
+import math
 import os
 import pickle
 import re
@@ -148,6 +149,10 @@ def check_entry_types(checkpoint, path):
         raise CheckpointError(f"{path} is damaged: its epoch_totals are not {', '.join(EPOCH_TOTALS)}")
     if not 0 <= checkpoint["best_top1"] <= 1:  # NaN too: a best that no epoch could beat
         raise CheckpointError(f"{path} is damaged: its best_top1 {checkpoint['best_top1']} is no fraction in [0, 1]")
+    evaluated = [row[f"{split}_top1"] for row in history for split in ("val", "test") if f"{split}_top1" in row]
+    if abs(checkpoint["best_top1"] - max(evaluated, default=0.0)) > 1e-5:  # the history's are rounded to 5 places
+        raise CheckpointError(f"{path} is damaged: its best_top1 {checkpoint['best_top1']} is not the best top-1 of "
+                              f"its history ({max(evaluated, default=0.0)})")
 
 
 HISTORY_NUMBERS = ("epoch", "epoch_seconds", "train_seconds", "images", "train_loss", "train_top1", "lr",
@@ -162,7 +167,9 @@ def is_history_row(row):
         return False
     splits = [split for split in ("val", "test") if f"{split}_top1" in row]
     needed = HISTORY_NUMBERS + tuple(f"{split}_{part}" for split in splits for part in ("loss", "top1", "top5"))
-    return len(splits) <= 1 and set(needed) <= set(row) and all(is_a(value, NUMBER) for value in row.values())
+    return len(splits) <= 1 and set(needed) <= set(row) and all(is_a(value, NUMBER) for value in row.values()) \
+        and all(0 <= value < math.inf for value in row.values()) \
+        and all(row[name] <= 1 for name in row if name.endswith(("_top1", "_top5")) or name == "best")
 
 
 def is_a(value, kind):

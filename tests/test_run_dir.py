@@ -299,6 +299,27 @@ def move_the_schedule(checkpoint):
     checkpoint["scheduler"]["last_epoch"] = 5
 
 
+def make_a_weight_an_integer(checkpoint):
+    name = next(name for name, tensor in checkpoint["model"].items() if tensor.is_floating_point())
+    checkpoint["model"][name] = checkpoint["model"][name].long()
+
+
+def make_best_top1_above_its_history(checkpoint):
+    checkpoint["best_top1"] = min(1.0, max(row["test_top1"] for row in checkpoint["history"]) + 0.1)
+
+
+def make_a_history_top1_above_one(checkpoint):
+    checkpoint["history"][0]["test_top1"] = 1.5
+
+
+def make_a_history_loss_nan(checkpoint):
+    checkpoint["history"][0]["train_loss"] = float("nan")
+
+
+def make_an_early_stopping_top1_nan(checkpoint):
+    checkpoint["early_stopping"]["top1_history"][0] = float("nan")
+
+
 def make_a_setting_a_string(checkpoint):
     checkpoint["args"]["lr"] = "fast"
 
@@ -368,7 +389,10 @@ DAMAGES = [misshape_a_weight, drop_a_weight, add_a_weight, misshape_a_momentum_b
            setting("asam", True), setting("lr", None), setting("depth", 28.0), setting("tta", 1),
            optimizer_setting("weight_decay", None), optimizer_setting("momentum", "0.9"),
            schedule_field("_anneal_func_type", "foo"), schedule_field("cycle_momentum", True),
-           drop_a_history_value, make_a_history_value_a_string, misshape_the_epoch_totals]
+           drop_a_history_value, make_a_history_value_a_string, misshape_the_epoch_totals,
+           # records this program could never have written
+           make_a_weight_an_integer, make_best_top1_above_its_history, make_a_history_top1_above_one,
+           make_a_history_loss_nan, make_an_early_stopping_top1_nan]
 
 
 @pytest.mark.parametrize("damage", DAMAGES, ids=[damage.__name__ for damage in DAMAGES])
