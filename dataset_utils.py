@@ -15,8 +15,6 @@ import shutil
 import sys
 import tarfile
 import urllib.request
-import zipfile
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ import numpy as np
 import torch
 
 from augment import IMAGE_SIZE, Augmentation, MixPlan, augment, mix_images, mix_targets, normalize, plan_epoch
+from data_cache import cached_split, write_cache
 from device_utils import input_dtype, resolve_precision
 
 NUM_CLASSES = 100
@@ -159,8 +158,7 @@ def file_md5(path):
 def read_split(path):
     """One split's images (N, 3, 32, 32) uint8 and fine labels (N,) int64, checked for the CIFAR-100 layout; from
     the cache beside the pickle when a previous run made one from this very file."""
-    remove_abandoned_caches(cache_path(path))
-    cached = read_cache(path)
+    cached = cached_split(path, NUM_CLASSES)
     if cached is not None:
         return cached
     entry = unpickle(path, "file")
@@ -177,69 +175,6 @@ def read_split(path):
     images, labels = images.reshape(-1, 3, 32, 32), np.array(labels, dtype=np.int64)
     write_cache(path, images, labels)
     return torch.from_numpy(images.copy()), torch.from_numpy(labels)
-
-
-def cache_path(path):
-    """Where a split's plain uint8 arrays are kept beside its pickle: `.train.uint8.npz`."""
-    return path.with_name(f".{path.name}.uint8.npz")
-
-
-def source_stamp(path):
-    """The pickle's size and CRC-32: a cache made from other bytes, however recently, is never taken for it."""
-    checksum, size = 0, 0
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            checksum, size = zlib.crc32(block, checksum), size + len(block)
-    return np.array([size, checksum], dtype=np.int64)
-
-
-def read_cache(path):
-    """The split from its cache (plain arrays: a fraction of the unpickling time), if the cache was made from
-    this very file and holds what a split must; None otherwise (then the pickle is read, and the cache made)."""
-    try:
-        with np.load(cache_path(path), allow_pickle=False) as cache:
-            stamp, images, labels = cache["source"], cache["images"], cache["labels"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        return None
-    if not np.array_equal(stamp, source_stamp(path)) or images.dtype != np.uint8 or images.shape[1:] != (3, 32, 32) \
-            or labels.dtype != np.int64 or labels.shape != (len(images),) or not len(labels) \
-            or labels.min() < 0 or labels.max() >= NUM_CLASSES:
-        return None
-    return torch.from_numpy(images), torch.from_numpy(labels)
-
-
-def remove_abandoned_caches(cache):
-    """What a writer killed mid-write left beside `cache` (`.train.uint8.npz.tmp1234`, 150 MB for the real training
-    split): removed once the process that wrote it is gone. A run writing it now keeps its own."""
-    for entry in cache.parent.glob(cache.name + ".tmp*"):
-        writer = entry.name.rsplit(".tmp", 1)[1]
-        if writer.isdigit() and not process_exists(int(writer)):
-            with contextlib.suppress(OSError):
-                entry.unlink()
-
-
-def process_exists(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
-
-
-def write_cache(path, images, labels):
-    """Keep the split's arrays beside its pickle for the next run; a folder that cannot take them is left as it
-    was (nothing half-written stays)."""
-    cache = cache_path(path)
-    temporary = cache.with_name(cache.name + f".tmp{os.getpid()}")
-    try:
-        with open(temporary, "wb") as handle:
-            np.savez(handle, source=source_stamp(path), images=images, labels=labels)
-        os.replace(temporary, cache)
-    except OSError:
-        with contextlib.suppress(OSError):
-            temporary.unlink(missing_ok=True)
 
 
 # ---- loaders ----

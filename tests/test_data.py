@@ -1,6 +1,8 @@
+import io
 import math
 import os
 import pickle
+import zipfile
 from dataclasses import replace
 
 import numpy as np
@@ -658,6 +660,65 @@ def test_a_cache_of_other_bytes_or_a_damaged_one_is_never_taken(cifar_dir):
     (cifar_dir / "cifar-100-python" / ".test.uint8.npz").write_bytes(b"not an archive")
     expected = pickle.loads((cifar_dir / "cifar-100-python" / "test").read_bytes())["data"].reshape(-1, 3, 32, 32)
     assert torch.equal(read_cifar100(cifar_dir, download=False).test_images, torch.from_numpy(expected))
+
+
+def rewrite_cache(cache, **changes):
+    with np.load(cache, allow_pickle=False) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    arrays.update(changes)
+    with open(cache, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def assert_ignored_once_and_rebuilt(cifar_dir, capsys, cache, reason):
+    expected = pickle.loads((cifar_dir / "cifar-100-python" / "train").read_bytes())["data"].reshape(-1, 3, 32, 32)
+    capsys.readouterr()
+    assert torch.equal(read_cifar100(cifar_dir, download=False).train_images, torch.from_numpy(expected))
+    notes = capsys.readouterr().err.strip().splitlines()
+    assert len(notes) == 1 and notes[0].startswith(f"note: {cache} ignored (") and reason in notes[0], notes
+    assert torch.equal(read_cifar100(cifar_dir, download=False).train_images, torch.from_numpy(expected))
+    assert capsys.readouterr().err == ""  # the rebuilt cache is taken in silence
+
+
+@pytest.mark.parametrize("forgery", ["cut to a tenth", "one pixel changed"])
+def test_a_cache_whose_arrays_changed_under_a_matching_source_stamp_is_ignored_and_rebuilt(cifar_dir, capsys,
+                                                                                            forgery):
+    read_cifar100(cifar_dir, download=False)
+    cache = cifar_dir / "cifar-100-python" / ".train.uint8.npz"
+    with np.load(cache) as archive:
+        images, labels = archive["images"].copy(), archive["labels"]
+    if forgery == "cut to a tenth":
+        rewrite_cache(cache, images=images[: len(images) // 10], labels=labels[: len(labels) // 10])
+    else:
+        images[5, 1, 2, 3] ^= 255
+        rewrite_cache(cache, images=images)
+    assert_ignored_once_and_rebuilt(cifar_dir, capsys, cache, "not the ones it was written with")
+
+
+def test_a_cache_whose_header_claims_more_than_memory_is_ignored_and_rebuilt(cifar_dir, capsys):
+    read_cifar100(cifar_dir, download=False)
+    cache = cifar_dir / "cifar-100-python" / ".train.uint8.npz"
+    with np.load(cache) as archive:
+        kept = {name: archive[name] for name in ("source", "contents", "labels")}
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
+                                                  "shape": (10 ** 12, 3, 32, 32)})  # 3 PB
+    with zipfile.ZipFile(cache, "w") as archive:
+        for name, array in kept.items():
+            with archive.open(f"{name}.npy", "w") as member:
+                np.lib.format.write_array(member, array)
+        archive.writestr("images.npy", header.getvalue() + bytes(3072))
+    assert_ignored_once_and_rebuilt(cifar_dir, capsys, cache, "claims arrays larger than memory")
+
+
+def test_a_cache_an_older_version_wrote_is_ignored_and_rebuilt(cifar_dir, capsys):
+    read_cifar100(cifar_dir, download=False)
+    cache = cifar_dir / "cifar-100-python" / ".train.uint8.npz"
+    with np.load(cache) as archive:
+        arrays = {name: archive[name] for name in ("source", "images", "labels")}  # no contents stamp
+    with open(cache, "wb") as handle:
+        np.savez(handle, **arrays)
+    assert_ignored_once_and_rebuilt(cifar_dir, capsys, cache, "not a cache this version writes")
 
 
 def test_a_folder_that_cannot_take_the_cache_is_left_as_it_was(cifar_dir, monkeypatch):
