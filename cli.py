@@ -115,6 +115,22 @@ def raise_stopped(signum, frame):
     raise Stopped(signum)
 
 
+@contextlib.contextmanager
+def stop_signals_held():
+    """Hold back a stop signal for the few calls that must not be cut between (a folder made and its lock taken,
+    and that recorded): it is handled, by the handler it would have met, as soon as they are done."""
+    held, previous = [], {}
+    try:
+        for signum in STOP_SIGNALS:
+            previous[signum] = signal.signal(signum, lambda signum, frame: held.append(signum))
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if held:
+            signal.raise_signal(held[0])
+
+
 def quit_while_starting(signum, frame):
     """A stop signal while torch loads, before anything is written: one line, not a traceback."""
     print("\ninterrupted while starting: nothing was written", file=sys.stderr, flush=True)

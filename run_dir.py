@@ -21,6 +21,8 @@ import sys
 import threading
 from pathlib import Path
 
+from cli import stop_signals_held
+
 CHECKPOINT_FORMAT = "cifar100-trainer/1"
 NUMBER = (int, float)
 # What a checkpoint holds, and the type of each entry: anything else is a damaged file, refused in one line.
@@ -234,12 +236,13 @@ class RunDir:
     def claim(self, source=None):
         """Lock the folder for this run and check it can be written; for a resume of `source`, read it and check
         the folder holds that very run, or nothing. Returns the checkpoint to go on from; writes nothing."""
-        try:
-            self.created = not self.path.exists()
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise CheckpointError(f"cannot create checkpoint folder {self.path}: {err.strerror or err}") from None
-        self.take_lock()
+        with stop_signals_held():  # a stop between the folder's making and its lock would leave both behind
+            try:
+                self.created = not self.path.exists()
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise CheckpointError(f"cannot create checkpoint folder {self.path}: {err.strerror or err}") from None
+            self.take_lock()
         self.remove_own_temporaries()
         probe = self.path / self.PROBE
         try:

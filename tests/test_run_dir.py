@@ -684,3 +684,33 @@ def test_killing_the_torchrun_launcher_stops_the_workers_with_a_checkpoint(train
         time.sleep(0.1)
     assert load_checkpoint(folder / "last.pt")["epoch"] >= 1
     assert not [entry for entry in folder.iterdir() if ".tmp" in entry.name]
+
+
+@pytest.mark.parametrize("landing", ["after the folder is made", "after the lock file is opened"])
+def test_a_stop_signal_inside_the_claim_of_a_new_folder_leaves_no_folder(tmp_path, monkeypatch, landing):
+    """The signal lands between two calls of the claim, where a stop once left the folder (and its lock) behind:
+    it is held back until the lock is recorded, then stops the claim as it would have, and the close removes all."""
+    from cli import STOP_SIGNALS, Stopped, raise_stopped
+    folder = tmp_path / "ckpt"
+    patched = "mkdir" if landing == "after the folder is made" else "open"
+    owner = Path if patched == "mkdir" else run_dir.os
+    real = getattr(owner, patched)
+
+    def then_a_signal(*args, **kwargs):
+        result = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(owner, patched, then_a_signal)
+    previous = {signum: signal.signal(signum, raise_stopped) for signum in STOP_SIGNALS}
+    run_folder = run_dir.RunDir(folder)
+    try:
+        with pytest.raises(Stopped) as stopped:
+            run_folder.claim()
+        assert stopped.value.signum == signal.SIGTERM and run_folder.lock is not None
+        assert signal.getsignal(signal.SIGTERM) is raise_stopped  # handed back to the handler it held back
+    finally:
+        run_folder.close()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    assert not folder.exists()
