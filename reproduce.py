@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cli import Parser, split_at_dashes
+from cli import STOP_SIGNALS, Parser, split_at_dashes
 from run_dir import read_metrics
 
 REPO = Path(__file__).resolve().parent
@@ -204,6 +204,10 @@ def reproduce(args):
     return 1 if failed else 0
 
 
+# A run's exit codes after a stop signal, handled (128 + the signal) or not (minus it): stopped, not failed.
+STOPPED = {code for signum in STOP_SIGNALS for code in (128 + signum, -signum)}
+
+
 def run_into(run, extra, results, work):
     """One run, its output and record written to a folder of their own, which takes the place of the run's earlier
     results once it has succeeded (a failed rerun goes beside them, as <run>.failed); returns its exit code."""
@@ -216,6 +220,8 @@ def run_into(run, extra, results, work):
     spawned_at = time.time()  # the first step's end, which the run prints by the clock, is timed from here
     try:
         code, wall_seconds = run_and_log(command + where, partial / "output.txt")
+        if code in STOPPED:  # a stop that reached the run alone (or this process ignores: nohup, a background job)
+            raise KeyboardInterrupt
     except BaseException:  # a Ctrl-C, even a second one: nothing half-made stays, the earlier results are kept
         shutil.rmtree(partial, ignore_errors=True)
         raise

@@ -240,7 +240,9 @@ def test_a_failed_reproduce_rerun_keeps_the_earlier_results_and_a_split_table_co
     assert not [path.name for path in seed0.parent.iterdir() if path.name.startswith(".")]  # no half-made folder
 
 
-def test_ctrl_c_on_reproduce_keeps_the_earlier_results_and_leaves_nothing_half_made(cifar_dir, tmp_path):
+@pytest.mark.parametrize("reproduce_sigint", ["handled", "ignored"])  # ignored: started by nohup, or as a background job
+def test_ctrl_c_on_reproduce_keeps_the_earlier_results_and_leaves_nothing_half_made(cifar_dir, tmp_path,
+                                                                                    reproduce_sigint):
     import signal
     import subprocess
     import sys
@@ -252,14 +254,16 @@ def test_ctrl_c_on_reproduce_keeps_the_earlier_results_and_leaves_nothing_half_m
     before = {path.name: path.read_bytes() for path in (results / "seed0").iterdir()}
     rerun = subprocess.Popen([sys.executable, str(REPO / "reproduce.py"), "default", "--work", "again", "--",
                               *map(str, tiny), "--epochs", "5000"], cwd=tmp_path, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # a terminal's group
+                             stderr=subprocess.PIPE, text=True, start_new_session=True,  # a terminal's group
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, {
+                                 "handled": signal.SIG_DFL, "ignored": signal.SIG_IGN}[reproduce_sigint]))
     for line in rerun.stdout:  # the run's first epoch line: it is training now
         if line.startswith("epoch "):
             break
     os.killpg(rerun.pid, signal.SIGINT)  # Ctrl-C reaches every process of the group
-    rerun.stdout.read()
-    assert rerun.wait(timeout=120) == 130
-    assert rerun.stderr.read().strip().splitlines()[-1] == "interrupted: the earlier results are kept as they were"
+    out, err = rerun.communicate(timeout=120)
+    assert rerun.returncode == 130, out[-2000:] + err
+    assert err.strip().splitlines()[-1] == "interrupted: the earlier results are kept as they were"
     assert {path.name: path.read_bytes() for path in (results / "seed0").iterdir()} == before
     assert sorted(path.name for path in results.iterdir()) == ["seed0", "table.md"]
 
