@@ -31,7 +31,8 @@ def cached_split(path, num_classes):
     try:
         images, labels = read_cache(cache, path, num_classes)
     except IgnoredCache as reason:
-        print(f"note: {cache} ignored ({reason}): rebuilt from {path.name}", file=sys.stderr, flush=True)
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # under torchrun, a machine's ranks all read this folder
+            print(f"note: {cache} ignored ({reason}): rebuilt from {path.name}", file=sys.stderr, flush=True)
         return None
     return torch.from_numpy(images), torch.from_numpy(labels)
 
