@@ -134,6 +134,14 @@ def plural(count, noun):
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
+def describe_finished(checkpoint, path, explicit):
+    """A resume of a run that has trained all its epochs: nothing to do, and how to train it longer."""
+    epochs = checkpoint["epoch"]
+    longer = f"{resume_command(path, explicit)} --epochs {2 * epochs}"
+    return (f"{path} has finished its {plural(epochs, 'epoch')}: nothing to train. To train it longer, give a larger "
+            f"--epochs (the schedule is stretched to it), for example:\n  {longer}")
+
+
 def describe_start_up_work(run, first_epoch):
     """The start-up work done in the first epoch (the first step, with cudnn's search and compilation, and the graph
     capture), left out of epoch times and img/s; when the first step ended, by the clock (bench.py and reproduce.py

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cli import STOP_SIGNALS, Stopped, exit_worker, quit_while_starting, raise_stopped
 from config import Config, parse_args, resumed_config
-from report import (Notes, describe_outcome, describe_run, describe_start_up_work, draw_plot, fail, open_tensorboard,
+from report import (Notes, describe_finished, describe_outcome, describe_run, describe_start_up_work, draw_plot, fail, open_tensorboard,
                     plot_is_possible, resume_command, show)
 from run_dir import CheckpointError, RunDir, load_checkpoint
 
@@ -120,6 +120,10 @@ def train(args, explicit, runtime, reader):
             checkpoint = checkpoint if runtime.is_main else load_checkpoint(source)
             config, resumed = resumed_config(args, explicit, checkpoint, source), (checkpoint, source)
         config = replace(config, checkpoint_dir=str(folder))
+        if resumed is not None and checkpoint["epoch"] >= config.epochs:
+            if runtime.is_main:
+                print(describe_finished(checkpoint, source, explicit), file=sys.stderr)
+            return 0
         if config.sync_bn and runtime.device.type != "cuda":
             raise DeviceError("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU implementation)")
         loaders = load_cifar100(config, runtime, reader.arrays())
