@@ -67,7 +67,7 @@ def checkpoint_of(run, rng_states):
         "epoch_totals": state.epoch_totals, "best_top1": state.best_top1,
         "early_stopping": run.early_stopping.state_dict(), "history": list(state.history),
         "args": asdict(run.config), "rng": rng_states, "val_split": split_fingerprint(run.val_loader),
-        "run_id": state.run_id,
+        "run_id": state.run_id, "train_data": training_data(run.train_loader),
     })
 
 
@@ -96,6 +96,20 @@ def snapshot_to_host(value):
 
 def split_fingerprint(val_loader):
     return val_loader.fingerprint if val_loader is not None else None
+
+
+def training_data(train_loader):
+    return {"images": len(train_loader.labels), "fingerprint": getattr(train_loader, "fingerprint", "")}
+
+
+def check_same_training_data(checkpoint, path, train_loader):
+    """A resume on other training images (another --data-dir, a changed file) is named as such, not as a schedule
+    that does not fit."""
+    saved, now = checkpoint.get("train_data"), training_data(train_loader)
+    if saved is not None and saved != now:
+        raise CheckpointError(f"{path} was trained on other data: {saved['images']} training images (fingerprint "
+                              f"{saved['fingerprint']}), this run has {now['images']} (fingerprint "
+                              f"{now['fingerprint']}); resume it on the data it was trained on, or start a new run")
 
 
 def check_same_split(checkpoint, path, val_loader):

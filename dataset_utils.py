@@ -15,6 +15,7 @@ import shutil
 import sys
 import tarfile
 import urllib.request
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -342,6 +343,13 @@ def split_fingerprint(indices, images, labels):
     return digest.hexdigest()[:16]
 
 
+def data_fingerprint(images, labels):
+    """8 hex digits (a CRC-32) that change if the training images or their labels do: a resume on other data
+    says so, in these terms."""
+    checksum = zlib.crc32(np.ascontiguousarray(images.numpy()))
+    return f"{zlib.crc32(np.ascontiguousarray(labels.numpy()), checksum):08x}"
+
+
 def load_cifar100(config, runtime, arrays=None):
     """CIFAR-100 onto the runtime's device for a run with these settings (a `Config`), in the dtype it computes in,
     read now unless `arrays` were; returns (train_loader, val_loader or None, test_loader)."""
@@ -360,6 +368,7 @@ def load_cifar100(config, runtime, arrays=None):
         images, labels = images[train_indices], labels[train_indices]
     train = TrainLoader(images.to(device), labels.to(device), config.batch_size, augmentation=config.augmentation,
                         shard=shard, dtype=dtype)
+    train.fingerprint = data_fingerprint(images, labels)
     test = EvalLoader(arrays.test_images.to(device), arrays.test_labels.to(device), config.test_batch_size,
                       shard=shard, dtype=dtype)
     train.classes = test.classes = arrays.classes

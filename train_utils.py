@@ -14,8 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from checkpoint import (RunState, check_same_split, model_from_config, restore, restore_early_stopping,
-                        restore_generators, save_checkpoint, seed_everything, snapshot_to_host, unwrap_model)
+from checkpoint import (RunState, check_same_split, check_same_training_data, model_from_config, restore,
+                        restore_early_stopping, restore_generators, save_checkpoint, seed_everything, snapshot_to_host,
+                        unwrap_model)
 from checkpoint import load_model  # noqa: F401 - a public name: `from train_utils import load_model`
 from config import Config
 from device_utils import (all_reduce_sum, broadcast_from_main, distribute_model, fused_sgd_available, on_main_rank,
@@ -311,6 +312,7 @@ def build_run(config, runtime, loaders, run_dir=None, resumed=None):
     state = RunState()
     if resumed is not None:
         checkpoint, path = resumed
+        check_same_training_data(checkpoint, path, train_loader)
         check_same_split(checkpoint, path, val_loader)
         state = restore(checkpoint, path, StepParts(model, optimizer, None, average), train_loader.steps_per_epoch)
         restore_early_stopping(checkpoint, path, early_stopping)

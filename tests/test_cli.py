@@ -451,6 +451,25 @@ def test_resume_refuses_a_changed_validation_split(train_main, cifar_dir, tmp_pa
     assert len(err) == 1 and "another validation split" in err[0]
 
 
+def test_a_resume_on_other_training_data_names_the_change_not_damage(train_main, tmp_path, capsys):
+    from conftest import write_cifar100
+    trained_on, other = write_cifar100(tmp_path / "small", train_size=64), write_cifar100(tmp_path / "big",
+                                                                                          train_size=96)
+    folder = tmp_path / "ckpt"
+    assert train_main(tiny_run_args(trained_on, folder, "--epochs", "1")) == 0
+    saved = load_checkpoint(folder / "last.pt")["train_data"]
+    assert saved["images"] == 64 and len(saved["fingerprint"]) == 8
+    before = (folder / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert train_main(tiny_run_args(other, folder, "--resume", "--epochs", "2")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "damaged" not in err[0], err
+    assert f"was trained on other data: 64 training images (fingerprint {saved['fingerprint']}), this run has 96 " \
+        "(fingerprint " in err[0]
+    assert (folder / "last.pt").read_bytes() == before
+    assert train_main(tiny_run_args(trained_on, folder, "--resume", "--epochs", "2")) == 0  # its own data: goes on
+
+
 def test_without_a_terminal_progress_lines_show_each_epoch_with_its_eta(train_main, cifar_dir, tmp_path, capsys,
                                                                          monkeypatch):
     import report

@@ -346,6 +346,10 @@ def make_best_top1_negative(checkpoint):
     checkpoint["best_top1"] = -0.5
 
 
+def make_the_training_data_count_a_string(checkpoint):
+    checkpoint["train_data"]["images"] = "64"
+
+
 def setting(name, value):
     """A checkpoint whose saved settings say `name` is `value`."""
     def damage(checkpoint):
@@ -394,7 +398,7 @@ DAMAGES = [misshape_a_weight, drop_a_weight, add_a_weight, misshape_a_momentum_b
            drop_a_history_value, make_a_history_value_a_string, misshape_the_epoch_totals,
            # records this program could never have written
            make_a_weight_an_integer, make_best_top1_above_its_history, make_a_history_top1_above_one,
-           make_a_history_loss_nan, make_an_early_stopping_top1_nan]
+           make_a_history_loss_nan, make_an_early_stopping_top1_nan, make_the_training_data_count_a_string]
 
 
 @pytest.mark.parametrize("damage", DAMAGES, ids=[damage.__name__ for damage in DAMAGES])
