@@ -9,12 +9,7 @@ exactly the batches it would have seen.
 import contextlib
 import hashlib
 import math
-import os
 import pickle
-import shutil
-import sys
-import tarfile
-import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +20,7 @@ import torch
 
 from augment import IMAGE_SIZE, Augmentation, MixPlan, augment, mix_images, mix_targets, normalize, plan_epoch
 from data_cache import cached_split, write_cache
+from data_files import FOLDER_NAME, SPLIT_FILES, DataError, check_data_dir, describe, fetch_archive
 from device_utils import input_dtype, resolve_precision
 
 NUM_CLASSES = 100
@@ -32,18 +28,6 @@ NUM_CLASSES = 100
 # float32 intermediates (about 60 KB an image at their peak) stay near 1 GB.
 AUGMENT_CHUNK_IMAGES = 16_384
 VALIDATION_SEED = 20_231_117
-
-
-# The official python-version archive (about 161 MB) and the folder it unpacks to.
-ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
-ARCHIVE_NAME = "cifar-100-python.tar.gz"
-ARCHIVE_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
-FOLDER_NAME = "cifar-100-python"
-SPLIT_FILES = ("train", "test", "meta")
-
-
-class DataError(RuntimeError):
-    """The data set is missing, unreadable or not in the CIFAR-100 layout."""
 
 
 class CifarUnpickler(pickle.Unpickler):
@@ -71,10 +55,6 @@ def unpickle(path, what):
     return entry
 
 
-def describe(err):
-    return f"{type(err).__name__}: {err}".splitlines()[0][:200]
-
-
 @dataclass
 class CifarArrays:
     """Both splits as tensors: images (N, 3, 32, 32) uint8, labels (N,) int64."""
@@ -90,17 +70,9 @@ def read_cifar100(data_dir, download=True):
     """Read `data_dir/cifar-100-python/{train,test,meta}`, unpacking or downloading the archive first if need be."""
     root = Path(data_dir)
     folder = root / FOLDER_NAME
-    if root.exists() and not root.is_dir():
-        raise DataError(f"--data-dir {root} is a file, not a folder")
-    if all((root / name).is_file() for name in SPLIT_FILES):
-        raise DataError(f"{root} is the {FOLDER_NAME} folder itself: point --data-dir at its parent, "
-                        f"{root.resolve().parent}")
-    for name in SPLIT_FILES:
-        path = folder / name
-        if (path.exists() or path.is_symlink()) and not path.is_file():
-            raise DataError(f"{path} is not a readable file (a folder, or a link that leads nowhere)")
+    check_data_dir(root, download)
     if not all((folder / name).is_file() for name in SPLIT_FILES):
-        fetch_archive(root, download)
+        fetch_archive(root)
     train_images, train_labels = read_split(folder / "train")
     test_images, test_labels = read_split(folder / "test")
     classes = unpickle(folder / "meta", "meta file").get("fine_label_names")
@@ -108,52 +80,6 @@ def read_cifar100(data_dir, download=True):
         raise DataError(f"{folder / 'meta'}: expected {NUM_CLASSES} fine class names")
     return CifarArrays(train_images=train_images, train_labels=train_labels, test_images=test_images,
                        test_labels=test_labels, classes=classes)
-
-
-def fetch_archive(root, download):
-    """Unpack `root/cifar-100-python.tar.gz`, downloading it first if it is missing and that is allowed."""
-    archive = root / ARCHIVE_NAME
-    if not archive.is_file():
-        if not download:
-            raise DataError(f"CIFAR-100 not found: put {ARCHIVE_NAME} ({ARCHIVE_URL}) or its extracted "
-                            f"{FOLDER_NAME}/ folder in {root.resolve()}, or drop --no-download")
-        download_archive(archive)
-    actual = file_md5(archive)
-    if actual != ARCHIVE_MD5:
-        raise DataError(f"{archive} is damaged (md5 {actual}, expected {ARCHIVE_MD5}): delete it and download it "
-                        f"again (see the README's Data section)")
-    try:
-        with tarfile.open(archive) as tar:
-            tar.extractall(root, filter="data")
-    except (OSError, tarfile.TarError) as err:
-        raise DataError(f"could not unpack {archive} ({describe(err)})") from None
-
-
-def download_archive(archive):
-    """Fetch the official archive into `archive`; a failure leaves no partial file or new empty folder behind."""
-    created = [folder for folder in (archive.parent, *archive.parent.parents) if not folder.exists()]
-    partial = archive.with_name(archive.name + ".part")
-    print(f"downloading CIFAR-100 (about 161 MB) to {archive}", file=sys.stderr, flush=True)
-    try:
-        archive.parent.mkdir(parents=True, exist_ok=True)
-        with urllib.request.urlopen(ARCHIVE_URL, timeout=60) as response, open(partial, "wb") as handle:
-            shutil.copyfileobj(response, handle)
-        os.replace(partial, archive)
-    except (OSError, ValueError) as err:
-        partial.unlink(missing_ok=True)
-        for folder in created:
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise DataError(f"could not download CIFAR-100 ({describe(err)}); fetch {ARCHIVE_URL} elsewhere and put it, "
-                        f"or its extracted {FOLDER_NAME}/ folder, in {archive.parent.resolve()}") from None
-
-
-def file_md5(path):
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_split(path):

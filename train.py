@@ -19,6 +19,7 @@ from pathlib import Path
 
 from cli import STOP_SIGNALS, Stopped, exit_worker, quit_while_starting, raise_stopped
 from config import Config, parse_args, resumed_config
+from data_files import DataError, check_data_dir
 from report import (Notes, describe_finished, describe_outcome, describe_run, describe_start_up_work, draw_plot, fail, open_tensorboard,
                     plot_is_possible, resume_command, show)
 from run_dir import CheckpointError, RunDir, load_checkpoint
@@ -30,7 +31,7 @@ def main(argv=None):
         args, explicit = parse_args(argv)
         try:  # checked again under the folder's lock; here, before seconds go on loading torch
             first_look(args, explicit)
-        except CheckpointError as err:  # under torchrun every rank stops, and rank 0 says why
+        except (CheckpointError, DataError) as err:  # under torchrun every rank stops, and rank 0 says why
             err.shown_by_rank_0 = os.environ.get("RANK", "0") != "0"
             if err.shown_by_rank_0:
                 time.sleep(1)  # torchrun stops the other workers as soon as one exits: rank 0 first has its say
@@ -58,7 +59,9 @@ def run_folder(args, explicit):
 
 
 def first_look(args, explicit):
-    """What can be told from the file system alone: a missing checkpoint, a folder that already holds a run."""
+    """What can be told from the file system alone: a data folder that cannot hold the data, a missing checkpoint,
+    a folder that already holds a run."""
+    check_data_dir(args.data_dir, not args.no_download)
     if args.evaluate is not None:
         path = checkpoint_path(args.evaluate, args.checkpoint_dir, RunDir.BEST)
         if not path.is_file():
@@ -71,7 +74,7 @@ def first_look(args, explicit):
 def run(args, explicit):
     """torch loaded, the device set up (the data read beside it), then the training or --evaluate; every error of
     the user's making is one line."""
-    from dataset_utils import DataError, DataReader  # the first of them loads torch
+    from dataset_utils import DataReader  # the first of them loads torch
     from device_utils import DeviceError, leave_together, setup_runtime, teardown_runtime
     from evaluation import evaluate_checkpoint
     from train_step import NonFiniteLossError

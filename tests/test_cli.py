@@ -49,13 +49,19 @@ def answer_without_torch(script, *flags, cwd=REPO):
     return result.stdout.strip().splitlines()[-1], result.stderr
 
 
-def test_help_flag_errors_and_run_folder_problems_answer_without_loading_torch(trained_folder, tmp_path):
+def test_help_flag_errors_and_run_folder_and_data_folder_problems_answer_without_loading_torch(trained_folder, cifar_dir, tmp_path):
+    inner = cifar_dir / "cifar-100-python"
     assert answer_without_torch("train.py", "--help")[0] == "no torch 0"
     for flags in (["--lr", "0"], ["--device", "gpu"], ["--device", "CPU"], ["--sync-bn"]):
         assert answer_without_torch("train.py", *flags)[0] == "no torch 2", flags
     for flags, message in ((["--checkpoint-dir", trained_folder], "holds a run (last.pt, best.pt, metrics.csv, config.json)"),
                            (["--resume", tmp_path / "nothing"], "no checkpoint at"),
-                           (["--evaluate", tmp_path / "nothing.pt"], "no checkpoint at")):
+                           (["--evaluate", tmp_path / "nothing.pt"], "no checkpoint at"),
+                           (["--data-dir", tmp_path / "no-data", "--no-download"], "CIFAR-100 not found: put"),
+                           (["--data-dir", inner, "--no-download"], "is the cifar-100-python folder itself"),
+                           (["--data-dir", inner / "train"], "is a file, not a folder"),
+                           (["--evaluate", trained_folder, "--data-dir", tmp_path / "no-data", "--no-download"],
+                            "CIFAR-100 not found: put")):
         answer, err = answer_without_torch("train.py", *flags)
         assert answer == "no torch 1" and message in err, (flags, err)
     assert answer_without_torch("plot.py", "--help")[0] == "no torch 0"

@@ -11,13 +11,15 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import auto_augment
+import data_files
 import dataset_utils
 from auto_augment import grayscale
 from augment import (CIFAR100_MEAN, CIFAR100_STD, augment, color_jitter, cutmix_boxes, cutout, horizontal_flip,
                      plan_epoch, random_crop, rotate)
 from config import Augmentation
 from conftest import run_settings
-from dataset_utils import (ARCHIVE_NAME, DataError, EvalLoader, TrainLoader, load_cifar100, normalize,
+from data_files import ARCHIVE_MD5, ARCHIVE_NAME
+from dataset_utils import (DataError, EvalLoader, TrainLoader, load_cifar100, normalize,
                            read_cifar100, split_validation)
 from device_utils import Runtime
 
@@ -52,7 +54,7 @@ def test_missing_data_without_download_says_where_to_put_it(tmp_path):
 
 
 def test_failed_download_says_where_to_put_the_data_and_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(dataset_utils, "ARCHIVE_URL", "http://127.0.0.1:9/cifar-100-python.tar.gz")  # nothing listens
+    monkeypatch.setattr(data_files, "ARCHIVE_URL", "http://127.0.0.1:9/cifar-100-python.tar.gz")  # nothing listens
     with pytest.raises(DataError, match="could not download CIFAR-100 .*fetch http.*cifar-100-python.tar.gz elsewhere"):
         read_cifar100(tmp_path / "data" / "cifar", download=True)
     assert list(tmp_path.iterdir()) == []  # no empty data folder, no partial archive
@@ -60,12 +62,12 @@ def test_failed_download_says_where_to_put_the_data_and_leaves_nothing(tmp_path,
 
 def test_a_damaged_archive_is_named_with_both_md5_sums_and_never_downloaded_again(tmp_path, monkeypatch):
     (tmp_path / ARCHIVE_NAME).write_bytes(b"the first megabyte of a download that broke off")
-    monkeypatch.setattr(dataset_utils, "download_archive", lambda archive: pytest.fail("reached for the network"))
+    monkeypatch.setattr(data_files, "download_archive", lambda archive: pytest.fail("reached for the network"))
     for download in (True, False):
         with pytest.raises(DataError) as refused:
             read_cifar100(tmp_path, download=download)
         message = str(refused.value)
-        assert f"{tmp_path / ARCHIVE_NAME} is damaged (md5 " in message and dataset_utils.ARCHIVE_MD5 in message
+        assert f"{tmp_path / ARCHIVE_NAME} is damaged (md5 " in message and ARCHIVE_MD5 in message
         assert "delete it" in message and "\n" not in message
 
 
