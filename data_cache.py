@@ -74,10 +74,17 @@ def source_stamp(path):
 
 
 def contents_stamp(images, labels):
-    """The arrays' count and CRC-32s: a cache whose arrays were changed or swapped under a copied source stamp
+    """The arrays' count and CRC-32: a cache whose arrays were changed or swapped under a copied source stamp
     is never taken."""
-    return np.array([len(images), zlib.crc32(np.ascontiguousarray(images)), zlib.crc32(np.ascontiguousarray(labels))],
-                    dtype=np.int64)
+    return np.array([len(images), crc32_of(images, labels)], dtype=np.int64)
+
+
+def crc32_of(*arrays):
+    """One CRC-32 over the arrays' bytes, in order."""
+    checksum = 0
+    for array in arrays:
+        checksum = zlib.crc32(np.ascontiguousarray(array), checksum)
+    return checksum
 
 
 def remove_abandoned_caches(cache):

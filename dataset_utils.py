@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import math
 import pickle
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from augment import IMAGE_SIZE, Augmentation, MixPlan, augment, mix_images, mix_targets, normalize, plan_epoch
-from data_cache import cached_split, write_cache
+from data_cache import cached_split, crc32_of, write_cache
 from data_files import FOLDER_NAME, SPLIT_FILES, DataError, check_data_dir, describe, fetch_archive
 from device_utils import input_dtype, resolve_precision
 
@@ -272,8 +271,7 @@ def split_fingerprint(indices, images, labels):
 def data_fingerprint(images, labels):
     """8 hex digits (a CRC-32) that change if the training images or their labels do: a resume on other data
     says so, in these terms."""
-    checksum = zlib.crc32(np.ascontiguousarray(images.numpy()))
-    return f"{zlib.crc32(np.ascontiguousarray(labels.numpy()), checksum):08x}"
+    return f"{crc32_of(images.numpy(), labels.numpy()):08x}"
 
 
 def load_cifar100(config, runtime, arrays=None):

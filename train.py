@@ -20,8 +20,8 @@ from pathlib import Path
 from cli import STOP_SIGNALS, Stopped, exit_worker, quit_while_starting, raise_stopped
 from config import Config, parse_args, resumed_config
 from data_files import DataError, check_data_dir
-from report import (Notes, describe_finished, describe_outcome, describe_run, describe_start_up_work, draw_plot, fail, open_tensorboard,
-                    plot_is_possible, resume_command, show)
+from report import (Notes, describe_finished, describe_outcome, describe_run, describe_start_up_work, draw_plot, fail,
+                    open_tensorboard, plot_is_possible, resume_command, show)
 from run_dir import CheckpointError, RunDir, load_checkpoint
 
 def main(argv=None):

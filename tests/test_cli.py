@@ -49,7 +49,8 @@ def answer_without_torch(script, *flags, cwd=REPO):
     return result.stdout.strip().splitlines()[-1], result.stderr
 
 
-def test_help_flag_errors_and_run_folder_and_data_folder_problems_answer_without_loading_torch(trained_folder, cifar_dir, tmp_path):
+def test_help_flag_errors_and_run_folder_and_data_folder_problems_answer_without_loading_torch(trained_folder,
+                                                                                                cifar_dir, tmp_path):
     inner = cifar_dir / "cifar-100-python"
     assert answer_without_torch("train.py", "--help")[0] == "no torch 0"
     for flags in (["--lr", "0"], ["--device", "gpu"], ["--device", "CPU"], ["--sync-bn"]):

@@ -53,7 +53,8 @@ def test_a_resume_of_a_finished_run_says_it_is_finished_and_how_to_train_longer(
                                             f"train it longer, give a larger --epochs (the schedule is stretched to "
                                             f"it), for example:")
     longer = captured.err.splitlines()[1].split()
-    assert longer[:4] == ["python", "train.py", "--resume", str(folder / "last.pt")] and longer[-2:] == ["--epochs", "4"]
+    assert longer[:4] == ["python", "train.py", "--resume", str(folder / "last.pt")]
+    assert longer[-2:] == ["--epochs", "4"]
     assert "resumed" not in captured.out and "damaged" not in captured.err
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
     assert train_main(["--resume", str(folder), "--data-dir", str(cifar_dir), "--no-download", "--epochs", "3"]) == 0

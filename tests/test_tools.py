@@ -240,7 +240,7 @@ def test_a_failed_reproduce_rerun_keeps_the_earlier_results_and_a_split_table_co
     assert not [path.name for path in seed0.parent.iterdir() if path.name.startswith(".")]  # no half-made folder
 
 
-@pytest.mark.parametrize("reproduce_sigint", ["handled", "ignored"])  # ignored: started by nohup, or as a background job
+@pytest.mark.parametrize("reproduce_sigint", ["handled", "ignored"])  # ignored: under nohup, or a background job
 def test_ctrl_c_on_reproduce_keeps_the_earlier_results_and_leaves_nothing_half_made(cifar_dir, tmp_path,
                                                                                     reproduce_sigint):
     import signal
