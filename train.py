@@ -123,16 +123,16 @@ def train(args, explicit, runtime, reader):
             checkpoint = checkpoint if runtime.is_main else load_checkpoint(source)
             config, resumed = resumed_config(args, explicit, checkpoint, source), (checkpoint, source)
         config = replace(config, checkpoint_dir=str(folder))
-        if resumed is not None and checkpoint["epoch"] >= config.epochs:
-            if runtime.is_main:
-                print(describe_finished(checkpoint, source, explicit), file=sys.stderr)
-            return 0
         if config.sync_bn and runtime.device.type != "cuda":
             raise DeviceError("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU implementation)")
         loaders = load_cifar100(config, runtime, reader.arrays())
         run = build_run(config, runtime, loaders, run_dir=run_dir, resumed=resumed)
         if resumed is not None:  # the checkpoint fits this run: the folder may take it in now
             on_main_rank(runtime, lambda: run_dir.adopt(*resumed))
+            if run.state.epoch >= config.epochs:  # taken in and repaired, and nothing left to train
+                if runtime.is_main:
+                    print(describe_finished(checkpoint, source, explicit), file=sys.stderr)
+                return 0
         if config.tensorboard and runtime.is_main:
             run.tensorboard = open_tensorboard(run_dir.tensorboard)
         if runtime.is_main:
