@@ -85,6 +85,7 @@ class Config:
     asam: bool
     ema: float
     val_size: int
+    train_images: int
     seed: int
     epochs: int = may_change()
     eval_every: int = may_change()
@@ -241,6 +242,9 @@ def build_parser(raising=False):
     optim.add_argument("--val-size", type=NON_NEGATIVE_INT, default=0, metavar="N",
                        help="hold out N training images (class-balanced, fixed split) to pick best.pt and stop "
                             "early on; the test set is then used only at the end (0: off)")
+    optim.add_argument("--train-images", type=NON_NEGATIVE_INT, default=0, metavar="N",
+                       help="train on N of the training images (class-balanced, a fixed choice, beside --val-size's) "
+                            "(0: all)")
     optim.add_argument("--target-accuracy", type=bounded(float, low=0, high=1, low_open=True), default=None,
                        help="stop once top-1 on the validation split (the test set without one) reaches this fraction "
                             "for --patience epochs (None: off)")

@@ -27,6 +27,7 @@ NUM_CLASSES = 100
 # float32 intermediates (about 60 KB an image at their peak) stay near 1 GB.
 AUGMENT_CHUNK_IMAGES = 16_384
 VALIDATION_SEED = 20_231_117
+SUBSET_SEED = 20_261_207
 
 
 class CifarUnpickler(pickle.Unpickler):
@@ -237,27 +238,42 @@ class EvalLoader:
         return math.ceil(len(self.images) / self.batch_size)
 
 
-def split_validation(labels, val_size, seed=VALIDATION_SEED):
-    """Indices (train, val) with `val_size` training images held out, as evenly over the classes as possible.
-
-    The split has its own fixed seed, not the run's --seed, so every run of a comparison holds out the same images.
-    """
+def balanced_choice(labels, count, seed, flag):
+    """The sorted indices of `count` of `labels`, as evenly over their classes as possible (the first classes get
+    one more when `count` does not divide evenly), drawn by `seed` alone; `flag` names the request in an error."""
     generator = torch.Generator().manual_seed(seed)
     shuffled = torch.randperm(len(labels), generator=generator)
     classes = labels.unique()
-    quotas = torch.full((len(classes),), val_size // len(classes))
-    quotas[:val_size % len(classes)] += 1
-    held_out = []
+    quotas = torch.full((len(classes),), count // len(classes))
+    quotas[:count % len(classes)] += 1
+    chosen = []
     for label, quota in zip(classes.tolist(), quotas.tolist()):
         members = shuffled[labels[shuffled] == label]
         if quota > len(members):
-            raise DataError(f"--val-size {val_size} asks for {quota} images of class {label}, "
-                            f"which has only {len(members)}")
-        held_out.append(members[:quota])
-    val = torch.cat(held_out).sort().values
+            raise DataError(f"{flag} {count} asks for {quota} images of class {label}, which has only {len(members)}")
+        chosen.append(members[:quota])
+    return torch.cat(chosen).sort().values
+
+
+def split_validation(labels, val_size, seed=VALIDATION_SEED):
+    """Indices (train, val) with `val_size` training images held out, class-balanced (`balanced_choice`).
+
+    The split has its own fixed seed, not the run's --seed, so every run of a comparison holds out the same images.
+    """
+    val = balanced_choice(labels, val_size, seed, "--val-size")
     keep = torch.ones(len(labels), dtype=torch.bool)
     keep[val] = False
     return keep.nonzero().squeeze(1), val
+
+
+def training_subset(labels, train_images, val_size, seed=SUBSET_SEED):
+    """The positions in `labels` (the training images beside a `val_size` validation split) of `train_images` of
+    them, class-balanced, with a seed of their own: every run asking for N images trains on the same N."""
+    if train_images > len(labels):
+        beside = f" beside --val-size {val_size}" if val_size else ""
+        raise DataError(f"--train-images {train_images} asks for more than the {len(labels):,} training images "
+                        f"there are{beside}")
+    return balanced_choice(labels, train_images, seed, "--train-images")
 
 
 def split_fingerprint(indices, images, labels):
@@ -290,6 +306,9 @@ def load_cifar100(config, runtime, arrays=None):
                          shard=shard, dtype=dtype)
         val.fingerprint = split_fingerprint(val_indices, images[val_indices], labels[val_indices])
         images, labels = images[train_indices], labels[train_indices]
+    if config.train_images:
+        subset = training_subset(labels, config.train_images, config.val_size)
+        images, labels = images[subset], labels[subset]
     train = TrainLoader(images.to(device), labels.to(device), config.batch_size, augmentation=config.augmentation,
                         shard=shard, dtype=dtype)
     train.fingerprint = data_fingerprint(images, labels)

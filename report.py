@@ -93,13 +93,14 @@ def describe_error(err):
 def describe_run(run, resumed):
     config = run.config
     parameters = sum(p.numel() for p in run.model.parameters())
+    subset = " (a class-balanced subset, --train-images)" if config.train_images else ""
     lines = [f"{describe_model_config(config.model_config)}: {parameters / 1e6:.1f}M parameters on "
              f"{run.runtime.device} x{run.runtime.world_size}, {run.precision}, channels_last, {run.train_step.planned} step"
              f"{', compiled' if config.compile else ''}",
              f"batch {config.batch_size} (global), {run.train_loader.steps_per_epoch} steps/epoch, "
              f"{plural(config.epochs, 'epoch')}, OneCycle peak lr {config.lr}, momentum {config.momentum}, "
              f"checkpoints in {run.run_dir.path}/",
-             f"training on {len(run.train_loader.images):,} images; best.pt and early stopping judged on the "
+             f"training on {len(run.train_loader.images):,} images{subset}; best.pt and early stopping judged on the "
              f"{run.selection_split} set",
              describe_recipe(config)]
     if resumed is not None:

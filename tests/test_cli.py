@@ -458,6 +458,23 @@ def test_resume_refuses_a_changed_validation_split(train_main, cifar_dir, tmp_pa
     assert len(err) == 1 and "another validation split" in err[0]
 
 
+def test_train_images_is_shown_recorded_and_fixed_on_resume(train_main, cifar_dir, tmp_path, capsys):
+    folder = tmp_path / "ckpt"
+
+    def run(*flags):
+        return train_main([*tiny_run_args(cifar_dir, folder, *flags), "--batch-size", "8"])
+    assert run("--epochs", "1", "--train-images", "40") == 0
+    out = capsys.readouterr().out
+    assert "training on 40 images (a class-balanced subset, --train-images)" in out and "--train-images 40" in out
+    checkpoint = load_checkpoint(folder / "last.pt")
+    assert checkpoint["args"]["train_images"] == 40 and checkpoint["train_data"]["images"] == 40
+    assert checkpoint["history"][0]["images"] == 40  # 5 whole batches of 8
+    assert run("--resume", "--epochs", "2", "--train-images", "64") == 1
+    assert "was trained with --train-images 40; refusing --train-images 64" in capsys.readouterr().err
+    assert run("--resume", "--epochs", "2") == 0  # the same 40 images
+    assert load_checkpoint(folder / "last.pt")["history"][1]["images"] == 40
+
+
 def test_a_resume_on_other_training_data_names_the_change_not_damage(train_main, tmp_path, capsys):
     from conftest import write_cifar100
     trained_on, other = write_cifar100(tmp_path / "small", train_size=64), write_cifar100(tmp_path / "big",

@@ -20,7 +20,7 @@ from config import Augmentation
 from conftest import run_settings
 from data_files import ARCHIVE_MD5, ARCHIVE_NAME
 from dataset_utils import (DataError, EvalLoader, TrainLoader, load_cifar100, normalize,
-                           read_cifar100, split_validation)
+                           read_cifar100, split_validation, training_subset)
 from device_utils import Runtime
 
 CPU = Runtime(torch.device("cpu"))
@@ -496,6 +496,32 @@ def test_load_cifar100_holds_the_validation_images_out_of_training(cifar_dir):
     _, val_indices = split_validation(arrays.train_labels, 20)
     expected = normalize(arrays.train_images[val_indices].float() / 255)
     assert torch.allclose(torch.cat([images for images, _ in val]), expected)
+
+
+def test_the_training_subset_is_class_balanced_fixed_and_within_the_images_given():
+    labels = torch.arange(1000) % 10
+    subset = training_subset(labels, 95, val_size=0)
+    assert len(subset) == 95 and len(set(subset.tolist())) == 95 and subset.max() < 1000
+    assert torch.bincount(labels[subset], minlength=10).tolist() == [10] * 5 + [9] * 5
+    assert torch.equal(training_subset(labels, 95, val_size=0), subset)  # the same N images every time
+    assert set(training_subset(labels, 50, val_size=0).tolist()) != set(subset[:50].tolist())  # its own draw
+    with pytest.raises(DataError, match="^--train-images 1001 asks for more than the 1,000 training images there "
+                                        "are beside --val-size 20$"):
+        training_subset(labels, 1001, val_size=20)
+
+
+def test_load_cifar100_trains_on_the_subset_beside_the_validation_split(cifar_dir):
+    train, val, test = load_cifar100(run_settings(cifar_dir, "--batch-size", 8, "--val-size", 20,
+                                                  "--train-images", 30), CPU)
+    assert len(train.images) == 30 and len(val.images) == 20 and len(test.images) == 32
+    assert torch.bincount(train.labels, minlength=10).tolist() == [3] * 10
+    arrays = read_cifar100(cifar_dir, download=False)
+    remaining, val_indices = split_validation(arrays.train_labels, 20)
+    chosen = remaining[training_subset(arrays.train_labels[remaining], 30, val_size=20)]
+    assert torch.equal(train.images, arrays.train_images[chosen])  # the subset, never a held-out image
+    assert set(chosen.tolist()).isdisjoint(val_indices.tolist())
+    with pytest.raises(DataError, match="asks for more than the 44 training images there are beside --val-size 20"):
+        load_cifar100(run_settings(cifar_dir, "--val-size", 20, "--train-images", 45), CPU)
 
 
 # ---- mixup and CutMix ----
