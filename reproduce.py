@@ -86,6 +86,13 @@ TABLES = {
                                                                                    "--cutout", "16"],
         "cutout16": ["--cutout", "16"], "cutmix": ["--cutmix", "1.0", "--cutmix-prob", "0.5"],
         "ema": ["--ema", "0.999"], "label-smoothing": ["--label-smoothing", "0.1"], "sam0.05": ["--sam", "0.05"]}),
+    # Candidates for --preset cpu on a 2-core CPU, each filling about 9 minutes: depth and width against epochs.
+    "cpu-choice": choices(["--model", "wideresnet", "--batch-size", "128", "--lr", "0.2", "--nesterov",
+                           "--label-smoothing", "0.1", "--flip", "alternate", "--device", "cpu", "--val-size", "5000"], {
+        "wrn10-1": ["--depth", "10", "--widen-factor", "1", "--epochs", "18"],
+        "wrn16-1": ["--depth", "16", "--widen-factor", "1", "--epochs", "11"],
+        "wrn10-2": ["--depth", "10", "--widen-factor", "2", "--epochs", "6"],
+        "wrn16-2": ["--depth", "16", "--widen-factor", "2", "--epochs", "3"]}),
 }
 
 

@@ -14,7 +14,8 @@ from dataset_utils import EvalLoader, TrainLoader  # noqa: E402
 from device_utils import Runtime  # noqa: E402
 from model import build_model  # noqa: E402
 from train_step import RunningSums, SharpnessAware, StepParts, WeightAverage, make_train_step  # noqa: E402
-from train_utils import OneCycle, build_run, make_criterion, make_optimizer, train_one_epoch  # noqa: E402
+from optimization import OneCycle, make_optimizer  # noqa: E402
+from train_utils import build_run, make_criterion, train_one_epoch  # noqa: E402
 
 
 def two_identical_steps(graphed, criterion=None, rho=None):

@@ -20,6 +20,7 @@ from conftest import assert_same_weights, tiny_run_args
 from dataset_utils import load_cifar100
 from device_utils import Runtime
 from evaluation import evaluate, view_logits
+from optimization import OneCycle
 from run_dir import CheckpointError, atomic_write, load_checkpoint
 from train_step import NonFiniteLossError, StepParts, WeightAverage, make_train_step, uses_cuda_graphs
 from train_utils import EarlyStopping, build_run, make_criterion, train_one_epoch
@@ -192,7 +193,7 @@ def test_the_schedule_is_torchs_one_cycle_to_the_bit_as_a_function_of_the_step(t
     groups = [{"params": [torch.zeros(1, requires_grad=True)], "lr": 0.1},
               {"params": [torch.zeros(1, requires_grad=True)], "lr": 0.8}]
     optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
-    ours = train_utils.OneCycle.for_optimizer(optimizer, total_steps, momenta)
+    ours = OneCycle.for_optimizer(optimizer, total_steps, momenta)
     options = {"cycle_momentum": False} if momenta is None else dict(zip(("base_momentum", "max_momentum"), momenta))
     reference = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[0.1, 0.8], total_steps=total_steps, **options)
     for step in range(total_steps):
@@ -371,7 +372,7 @@ def test_a_sam_step_equals_the_reference_step(cifar_dir, adaptive, rho):
     import copy
 
     from train_step import SharpnessAware
-    from train_utils import make_optimizer
+    from optimization import make_optimizer
     run = tiny_run(cifar_dir)
     batches = list(run.train_loader.batches(0))[:2]
     models = [copy.deepcopy(run.model) for _ in range(3)]
