@@ -147,6 +147,11 @@ class Config:
         return {"name": self.model, "num_classes": 100, "kwargs": kwargs}  # CIFAR-100's fine classes
 
 
+def is_due(epoch, every, epochs):
+    """Whether 1-based `epoch` is one of every `every` epochs, or the last (--eval-every, --save-every)."""
+    return epoch % every == 0 or epoch == epochs
+
+
 def check_model_config(checkpoint, model_config, path):
     if checkpoint["model_config"] != model_config:
         raise CheckpointError(f"{path} holds a {describe_model_config(checkpoint['model_config'])}, "

@@ -9,10 +9,13 @@ from dataclasses import fields
 
 from tqdm import tqdm
 
-from config import Config, OnResume, as_flags, describe_model_config, parse_args
+from config import Config, OnResume, as_flags, describe_model_config, is_due, parse_args
 
 
 PROGRESS_SECONDS = 60  # without a terminal, a progress line at most this often (a CPU epoch takes minutes)
+ESTIMATE_AFTER_STEPS = 10  # steps of an epoch timed before the run's length is estimated
+FORWARD_SHARE = 1 / 3  # an evaluated image costs about a third of a trained one: the forward pass, no backward
+VIEWS = {"image": 1, "mirror": 2, "crops": 6}  # the forward passes an evaluated image takes (Config.test_views)
 
 
 def show(text, interrupt=None):
@@ -42,21 +45,46 @@ class Progress:
     def step_done(self):
         self.bar.update(1)
 
+    def line_due(self):
+        """Whether a progress line is due: the loop then reads its sums at once, not at its next sync point."""
+        return self.lines and time.perf_counter() - self.last_line >= PROGRESS_SECONDS
+
     def report(self, step, loss, lr, images_per_sec, seconds):
         """At a sync point, after `step` (0-based) and `seconds` of training in this epoch."""
         self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4f}", img_s=f"{images_per_sec:,.0f}")
         if self.lines and time.perf_counter() - self.last_line >= PROGRESS_SECONDS:
             remaining = (self.steps - step - 1) * seconds / max(step + 1 - self.start_step, 1)
             show(f"  epoch {self.run.state.epoch + 1}/{self.run.config.epochs}: step {step + 1}/{self.steps} | "
-                 f"loss {loss:.4f} | lr {lr:.5f} | {images_per_sec:,.0f} img/s | epoch ETA "
-                 f"{datetime.timedelta(seconds=round(remaining))}", self.run.interrupt)
+                 f"loss {loss:.4f} | lr {lr:.5f} | {images_per_sec:,.0f} img/s | epoch ETA {clock(remaining)}",
+                 self.run.interrupt)
             self.last_line = time.perf_counter()
 
     def close(self):
         self.bar.close()
 
 
-def format_epoch_line(row, epochs, split="test"):
+def describe_estimate(run, step_seconds, augment_seconds, steps_done, timed_steps):
+    """About how long the run will take from here, evaluation included, from `timed_steps` of this epoch (`steps_done`
+    of it done), `step_seconds` each, after `augment_seconds` of augmenting it: one line."""
+    config, loader, state = run.config, run.train_loader, run.state
+    epochs = range(state.epoch + 1, config.epochs + 1)
+    training = (len(epochs) * loader.steps_per_epoch - steps_done) * step_seconds + (len(epochs) - 1) * augment_seconds
+    image_seconds = step_seconds * run.runtime.world_size / config.batch_size * FORWARD_SHARE / (2 if config.sam else 1)
+    passes = sum(is_due(epoch, config.eval_every, config.epochs) for epoch in epochs) * (2 if config.ema else 1)
+    images = passes * len(run.selection_loader.images) + (2 * len(run.test_loader.images) if run.val_loader else 0)
+    evaluation = images * VIEWS[config.test_views] * image_seconds
+    return (f"estimated time to the end: {clock(training + evaluation)} for {plural(len(epochs), 'epoch')} "
+            f"({clock(training)} training, about {clock(evaluation)} evaluating), from {plural(timed_steps, 'timed step')} "
+            f"of epoch {state.epoch + 1}; each epoch line updates it")
+
+
+def clock(seconds):
+    """H:MM:SS."""
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+def format_epoch_line(row, epochs, split="test", seconds_left=None):
+    """The line of a finished epoch; with `seconds_left`, the run's time to its end as well."""
     evaluation = ""
     if f"{split}_top1" in row:  # with --eval-every, not every epoch is evaluated
         raw = f" (raw {100 * row['raw_top1']:5.2f}%)" if "raw_top1" in row else ""
@@ -64,7 +92,7 @@ def format_epoch_line(row, epochs, split="test"):
                       f"top-5 {100 * row[f'{split}_top5']:5.2f}% | ")
     return (f"epoch {row['epoch']:>3}/{epochs} | {row['epoch_seconds']:6.1f}s | train loss {row['train_loss']:.4f} | "
             f"{evaluation}lr {row['lr']:.5f} | {row['images_per_sec']:,.0f} img/s"
-            + (" | new best" if row["best"] else ""))
+            + (" | new best" if row["best"] else "") + (f" | ETA {clock(seconds_left)}" if seconds_left else ""))
 
 
 def log_tensorboard(writer, row):

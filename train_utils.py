@@ -18,12 +18,12 @@ from checkpoint import (RunState, check_same_split, check_same_training_data, mo
                         restore_early_stopping, restore_generators, save_checkpoint, seed_everything, snapshot_to_host,
                         unwrap_model)
 from checkpoint import load_model  # noqa: F401 - a public name: `from train_utils import load_model`
-from config import Config
+from config import Config, is_due
 from device_utils import (all_reduce_sum, broadcast_from_main, distribute_model, on_main_rank, resolve_precision,
                           synchronize)
 from evaluation import evaluate
 from optimization import OneCycle, make_optimizer
-from report import Progress, format_epoch_line, log_tensorboard, show
+from report import ESTIMATE_AFTER_STEPS, Progress, describe_estimate, format_epoch_line, log_tensorboard, show
 from run_dir import CheckpointError
 from signals import Interrupt
 from train_step import (CORRECT, LOSS_SUM, NonFiniteLossError, RunningSums, SharpnessAware, StepParts, TrainStep,
@@ -124,8 +124,9 @@ def train_one_epoch(run, show_progress=None):
             train_step.first_step_seconds = time.perf_counter() - step_started
         images_done += len(labels)
         progress.step_done()
-        interrupted_here = interrupt.requested and not runtime.distributed
-        if (step + 1) % sync_every == 0 or last_step or interrupted_here:
+        estimate_due = not run.estimated and step + 1 - start_step >= ESTIMATE_AFTER_STEPS
+        unplanned = not runtime.distributed and (interrupt.requested or estimate_due or progress.line_due())
+        if (step + 1) % sync_every == 0 or last_step or unplanned:  # under torchrun every rank syncs alike
             if next_epoch_wanted:  # now, with steps queued to keep the GPU busy, and after the graph capture
                 loader.prepare(epoch + 1)
                 next_epoch_wanted = False
@@ -137,6 +138,10 @@ def train_one_epoch(run, show_progress=None):
                 stopped_at_step = step + 1
                 break
             stepping = time.perf_counter() - stepping_started - (train_step.setup_seconds - setup_at_start)
+            if estimate_due or last_step and not run.estimated:
+                first_step_here = setup_at_start != train_step.setup_seconds
+                estimate_once(run, step + 1, step + 1 - start_step - first_step_here, stepping,
+                              augment_seconds=stepping_started - started)
             progress.report(step, loss=sums.loss_sum / (sums.steps_done * len(labels)),
                             lr=run.schedule.lrs(epoch * loader.steps_per_epoch + step)[0],
                             images_per_sec=images_done * runtime.world_size / max(stepping, 1e-9), seconds=stepping)
@@ -148,6 +153,14 @@ def train_one_epoch(run, show_progress=None):
     epoch_totals = EpochTotals(sums[LOSS_SUM], sums[CORRECT], previous_images + images_done,
                                previous_seconds + seconds)
     return epoch_totals, stopped_at_step
+
+
+def estimate_once(run, steps_done, timed_steps, stepping, augment_seconds):
+    """Say, once a process, how long the run will take, from `timed_steps` taking `stepping` seconds (the first
+    step's start-up work left out) after `augment_seconds` of augmenting the epoch, `steps_done` of it done."""
+    run.estimated = True
+    if run.runtime.is_main and timed_steps > 0:
+        show(describe_estimate(run, stepping / timed_steps, augment_seconds, steps_done, timed_steps), run.interrupt)
 
 
 def check_in(sums, runtime):
@@ -202,6 +215,8 @@ class Run:
     tensorboard: object = None
     interrupt: Interrupt = field(default_factory=Interrupt)
     best_weights: dict = None  # a host copy of the best epoch's weights, for testing it at the end
+    first_epoch: int = 0  # the epochs done before this process: its own are the history's rows after them
+    estimated: bool = False  # whether this process has said how long the run will take
 
     @property
     def evaluated_model(self):
@@ -258,7 +273,7 @@ def build_run(config, runtime, loaders, run_dir=None, resumed=None):
     return Run(config=config, runtime=runtime, precision=precision, model=training_model, optimizer=optimizer,
                schedule=schedule, average=average, train_step=train_step, train_loader=train_loader,
                val_loader=val_loader, test_loader=test_loader, run_dir=run_dir, early_stopping=early_stopping,
-               state=state, interrupt=Interrupt(runtime.is_main))
+               state=state, interrupt=Interrupt(runtime.is_main), first_epoch=state.epoch)
 
 
 def fit(run):
@@ -302,11 +317,6 @@ def train_epochs(run):
     return "early-stopped" if run.early_stopping.should_stop else "finished"
 
 
-def is_due(epoch, every, epochs):
-    """Whether 1-based `epoch` is one of every `every` epochs, or the last."""
-    return epoch % every == 0 or epoch == epochs
-
-
 def resumed_totals(run):
     """The interrupted epoch's sums go to rank 0 alone, so that adding over ranks counts them once."""
     if run.state.epoch_totals is None or not run.runtime.is_main:
@@ -336,7 +346,9 @@ def finish_epoch(run, train_result):
     if saved:
         save_checkpoint(run, is_best)
     if run.runtime.is_main:
-        show(format_epoch_line(row, config.epochs, run.selection_split), run.interrupt)
+        own_rows = state.history[run.first_epoch:]
+        seconds_left = (config.epochs - epoch) * sum(row["epoch_seconds"] for row in own_rows) / len(own_rows)
+        show(format_epoch_line(row, config.epochs, run.selection_split, seconds_left), run.interrupt)
         log_tensorboard(run.tensorboard, row)
     return saved
 

@@ -3,6 +3,7 @@ import json
 import os
 import re
 import resource
+from dataclasses import replace
 
 import pytest
 import torch
@@ -503,6 +504,54 @@ def test_without_a_terminal_progress_lines_show_each_epoch_with_its_eta(train_ma
     assert len(lines) == 2 * 4  # 4 steps an epoch, each a sync point
     assert re.fullmatch(r"  epoch 2/2: step 3/4 \| loss \d+\.\d{4} \| lr \d\.\d{5} \| [\d,]+ img/s \| epoch ETA "
                         r"0:00:0\d", lines[-2]), lines[-2]
+
+
+def test_without_a_terminal_a_due_progress_line_does_not_wait_for_the_next_sync_point(train_main, tmp_path, capsys,
+                                                                                      monkeypatch):
+    import report
+    from conftest import write_cifar100
+    monkeypatch.setattr(report, "PROGRESS_SECONDS", 0)  # a line due after every step
+    data = write_cifar100(tmp_path / "data", train_size=512)
+    assert train_main(tiny_run_args(data, tmp_path / "ckpt", "--epochs", "1")) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  epoch ")]
+    assert len(lines) == 32  # every step of 32, where the planned sync points are every third step and the last
+
+
+def test_a_run_says_how_long_it_will_take_after_its_first_timed_steps(train_main, tmp_path, capsys):
+    from conftest import write_cifar100
+    data = write_cifar100(tmp_path / "data", train_size=512)
+    assert train_main(tiny_run_args(data, tmp_path / "ckpt", "--epochs", "3", "--val-size", "64")) == 0
+    out = capsys.readouterr().out.splitlines()
+    estimates = [index for index, line in enumerate(out) if line.startswith("estimated time to the end")]
+    assert len(estimates) == 1, out
+    assert re.fullmatch(r"estimated time to the end: \d:\d\d:\d\d for 3 epochs \(\d:\d\d:\d\d training, about "
+                        r"\d:\d\d:\d\d evaluating\), from 9 timed steps of epoch 1; each epoch line updates it",
+                        out[estimates[0]]), out[estimates[0]]  # steps 2 to 10: the first is start-up work
+    epoch_lines = [line for line in out if line.startswith("epoch ")]
+    assert out.index(epoch_lines[0]) > estimates[0]
+    assert [bool(re.search(r" \| ETA \d:\d\d:\d\d$", line)) for line in epoch_lines] == [True, True, False]
+    capsys.readouterr()
+    assert train_main(tiny_run_args(data, tmp_path / "ckpt", "--resume", "--epochs", "4", "--val-size", "64")) == 0
+    assert "for 1 epoch (" in capsys.readouterr().out  # a resume estimates what is left
+
+
+def test_the_estimate_adds_the_steps_augmentation_and_evaluations_left():
+    from types import SimpleNamespace
+
+    from config import Config, parse_args
+    from report import describe_estimate
+    config = Config.from_flags(parse_args(["--epochs", "3", "--batch-size", "128", "--val-size", "5000"])[0])
+    images = SimpleNamespace(images=[0] * 5000)
+    run = SimpleNamespace(config=config, train_loader=SimpleNamespace(steps_per_epoch=100), state=SimpleNamespace(
+        epoch=0, step=0), runtime=SimpleNamespace(world_size=1), selection_loader=images, val_loader=images,
+        test_loader=SimpleNamespace(images=[0] * 10_000))
+    # 290 steps of 0.5 s and two more epochs' augmentation of 2 s: 149 s; 3 validations and the final model's and
+    # best.pt's tests, 35,000 images at a third of a trained image's 0.5 / 128 s: 45.6 s
+    assert describe_estimate(run, 0.5, 2.0, steps_done=10, timed_steps=9).startswith(
+        "estimated time to the end: 0:03:15 for 3 epochs (0:02:29 training, about 0:00:46 evaluating)")
+    with_ema_and_tta = replace(config, ema=0.999, tta=True)
+    run.config = with_ema_and_tta  # 6 validations (the average and the raw weights), 2 tests; each image twice
+    assert "about 0:02:10 evaluating" in describe_estimate(run, 0.5, 2.0, steps_done=10, timed_steps=9)
 
 
 def test_a_resumed_run_says_which_epoch_its_start_up_was_in_and_what_this_process_did(train_main, cifar_dir,
