@@ -14,24 +14,31 @@ FLOAT32_MAX = 3.4028234663852886e38  # what a float setting must fit in: the tra
 
 def bounded(kind, low=None, high=None, low_open=False, high_open=False):
     """An argparse type that converts with `kind` and checks the value lies in the stated range (a float's within
-    float32's, too)."""
-    if kind is float and high is None:
-        high = FLOAT32_MAX
-
+    float32's, too); a value outside it is told the range in words."""
     def convert(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+        if kind is float and math.isnan(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a number")
+        if kind is float and abs(value) > FLOAT32_MAX:
+            raise argparse.ArgumentTypeError(f"{text} is beyond float32's largest number, {FLOAT32_MAX:g}")
         too_low = low is not None and (value <= low if low_open else value < low)
         too_high = high is not None and (value >= high if high_open else value > high)
-        if too_low or too_high or not math.isfinite(value):
-            left = "(" if low_open else "["
-            right = ")" if high_open else "]"
-            span = f"{left}{'-inf' if low is None else bound_text(low)}, {'inf' if high is None else bound_text(high)}{right}"
-            raise argparse.ArgumentTypeError(f"{text} is outside {span}")
+        if too_low or too_high:
+            raise argparse.ArgumentTypeError(f"{text} {describe_range(low, high, low_open, high_open)}")
         return value
     return convert
+
+
+def describe_range(low, high, low_open, high_open):
+    """'must be above 0', 'must be at least 1', 'must be at most 32', or 'must be in [0, 1)'."""
+    if high is None:
+        return f"must be {'above' if low_open else 'at least'} {bound_text(low)}"
+    if low is None:
+        return f"must be {'below' if high_open else 'at most'} {bound_text(high)}"
+    return f"must be in {'(' if low_open else '['}{bound_text(low)}, {bound_text(high)}{')' if high_open else ']'}"
 
 
 def bound_text(bound):
@@ -131,9 +138,12 @@ def stop_signals_held():
             signal.raise_signal(held[0])
 
 
+STOPPED_STARTING = "interrupted before training started; nothing needed saving"  # a stop at any point of start-up
+
+
 def quit_while_starting(signum, frame):
     """A stop signal while torch loads, before anything is written: one line, not a traceback."""
-    print("\ninterrupted while starting: nothing was written", file=sys.stderr, flush=True)
+    print(f"\nerror: {STOPPED_STARTING}", file=sys.stderr, flush=True)
     os._exit(128 + signum)
 
 

@@ -111,10 +111,11 @@ class Config:
         """The settings in an argparse namespace (which may hold more, such as --resume)."""
         return cls(**{setting.name: getattr(flags, setting.name) for setting in fields(cls)})
 
-    def resumed_from(self, saved, given, path, defaults):
-        """These settings (from `given` flags and defaults) merged with a checkpoint's `saved` ones, field by field.
-        A fixed setting newer than the checkpoint was trained as its flag's default, which kept the behaviour from
-        before the flag: its value in `defaults`, the settings of a run given no flags."""
+    def resumed_from(self, saved, given, path, defaults, evaluating=False):
+        """These settings (from `given` flags and defaults) merged with a checkpoint's `saved` ones, field by field,
+        for a resume (or, `evaluating`, an --evaluate). A fixed setting newer than the checkpoint was trained as its
+        flag's default, which kept the behaviour from before the flag: its value in `defaults`, the settings of a run
+        given no flags."""
         merged = {}
         for setting in fields(self):
             name, rule = setting.name, OnResume.of(setting)
@@ -126,8 +127,9 @@ class Config:
             if rule is OnResume.FIXED and name in given and given[name] != stored:
                 flag = "--" + name.replace("_", "-")
                 trained = f"without {flag}" if stored is None else f"with {flag} {stored}"
-                raise CheckpointError(f"{path} was trained {trained}; refusing {flag} {given[name]} "
-                                      f"(start a new run in another --checkpoint-dir instead)")
+                advice = (f"drop {flag}: --evaluate tests a model as it was trained" if evaluating else
+                          f"drop {flag} to go on as it was trained, or start a new run in another --checkpoint-dir")
+                raise CheckpointError(f"{path} was trained {trained}; refusing {flag} {given[name]} ({advice})")
         return replace(self, **merged)
 
     @property
@@ -363,6 +365,7 @@ def resumed_config(args, explicit, checkpoint, path):
     """The settings of a run going on from `checkpoint`: its own, with the flags given now that may change."""
     check_saved_settings(checkpoint["args"], path)
     defaults = Config.from_flags(parse_args([])[0])
-    config = Config.from_flags(args).resumed_from(checkpoint["args"], explicit, path, defaults)
+    config = Config.from_flags(args).resumed_from(checkpoint["args"], explicit, path, defaults,
+                                                  evaluating=args.evaluate is not None)
     check_model_config(checkpoint, config.model_config, path)
     return config

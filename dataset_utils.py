@@ -44,7 +44,8 @@ class CifarUnpickler(pickle.Unpickler):
 
 
 def unpickle(path, what):
-    """The dict in one of the data set's pickles (written by Python 2, hence latin1)."""
+    """The dict in one of the data set's pickles (written by Python 2, hence latin1), its keys as text: a subset
+    pickled from the dict that `pickle.load(..., encoding="bytes")` gives has them as bytes (b"data")."""
     try:
         with open(path, "rb") as handle:
             entry = CifarUnpickler(handle, encoding="latin1").load()
@@ -52,7 +53,11 @@ def unpickle(path, what):
         raise DataError(f"{path}: unreadable CIFAR-100 {what} ({describe(err)})") from None
     if not isinstance(entry, dict):
         raise DataError(f"{path}: unreadable CIFAR-100 {what} (it holds a {type(entry).__name__}, not a dict)")
-    return entry
+    return {as_text(key): value for key, value in entry.items()}
+
+
+def as_text(value):
+    return value.decode("latin1") if isinstance(value, bytes) else value
 
 
 @dataclass
@@ -76,6 +81,8 @@ def read_cifar100(data_dir, download=True):
     train_images, train_labels = read_split(folder / "train")
     test_images, test_labels = read_split(folder / "test")
     classes = unpickle(folder / "meta", "meta file").get("fine_label_names")
+    if isinstance(classes, list):
+        classes = [as_text(name) for name in classes]
     if not isinstance(classes, list) or len(classes) != NUM_CLASSES:
         raise DataError(f"{folder / 'meta'}: expected {NUM_CLASSES} fine class names")
     return CifarArrays(train_images=train_images, train_labels=train_labels, test_images=test_images,
@@ -90,6 +97,8 @@ def read_split(path):
         return cached
     entry = unpickle(path, "file")
     images, labels = entry.get("data"), entry.get("fine_labels")
+    if isinstance(labels, np.ndarray) and labels.ndim == 1 and labels.dtype.kind in "iu":  # a subset's, from numpy
+        labels = labels.tolist()
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != 3072:
         got = f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
         raise DataError(f"{path}: expected 'data' as uint8 rows of 3x32x32 pixels, got {got}")

@@ -73,6 +73,10 @@ def test_final_and_best(run):
     return final, best
 
 
+VIEWS_TESTED = {"image": "", "mirror": " on each image and its mirror (--tta)",
+                "crops": " on 6 views of each image (--tta-crops)"}
+
+
 def evaluate_checkpoint(checkpoint, path, config, runtime, arrays):
     """--evaluate: test a checkpoint's model on the test set and print its accuracy next to the stored best."""
     model = model_from_checkpoint(checkpoint, path, runtime.device)
@@ -81,6 +85,7 @@ def evaluate_checkpoint(checkpoint, path, config, runtime, arrays):
     result = evaluate(model, test_loader, runtime, resolve_precision(runtime.device, config.precision),
                       views=config.test_views)
     if runtime.is_main:
-        show(f"{path}: test loss {result.loss:.4f}, top-1 {100 * result.top1:.2f}%, top-5 {100 * result.top5:.2f}% "
-             f"(stored best top-1 {100 * checkpoint['best_top1']:.2f}% after epoch {checkpoint['epoch']})")
+        show(f"{path}: test loss {result.loss:.4f}, top-1 {100 * result.top1:.2f}%, top-5 {100 * result.top5:.2f}%"
+             f"{VIEWS_TESTED[config.test_views]} (stored best top-1 {100 * checkpoint['best_top1']:.2f}% after epoch "
+             f"{checkpoint['epoch']})")
     return 0

@@ -1,6 +1,7 @@
 """Draw a run's loss and accuracy curves from its metrics.csv (needs matplotlib).
 
     python plot.py checkpoint/metrics.csv          # writes checkpoint/metrics.png
+    python plot.py checkpoint                      # the same: a run folder stands for its metrics.csv
 """
 import csv
 import math
@@ -101,11 +102,13 @@ def plot_metrics(metrics_path, png_path=None):
 
 def main(argv=None):
     parser = Parser("Plot a run's metrics.csv to a PNG.")
-    parser.add_argument("metrics", nargs="?", default="checkpoint/metrics.csv", help="a metrics.csv of train.py")
+    parser.add_argument("metrics", nargs="?", default="checkpoint/metrics.csv",
+                        help="a metrics.csv of train.py, or the run folder that holds it")
     parser.add_argument("-o", "--output", help="the PNG to write (default: beside the CSV, as metrics.png)")
     args = parser.parse_args(argv)
+    metrics = Path(args.metrics) / "metrics.csv" if Path(args.metrics).is_dir() else args.metrics
     try:
-        print(plot_metrics(args.metrics, args.output))
+        print(plot_metrics(metrics, args.output))
     except PlotError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

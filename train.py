@@ -17,7 +17,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from cli import STOP_SIGNALS, Stopped, exit_worker, quit_while_starting, raise_stopped
+from cli import STOP_SIGNALS, STOPPED_STARTING, Stopped, exit_worker, quit_while_starting, raise_stopped
 from config import Config, parse_args, resumed_config
 from data_files import DataError, check_data_dir
 from report import (Notes, describe_finished, describe_outcome, describe_run, describe_start_up_work, draw_plot, fail,
@@ -101,7 +101,7 @@ def run(args, explicit):
             leave_together(runtime)
         return code
     except Stopped as stop:
-        return fail("interrupted before training started; nothing needed saving", code=128 + stop.signum)
+        return fail(STOPPED_STARTING, code=128 + stop.signum)
     finally:
         teardown_runtime(runtime)
 

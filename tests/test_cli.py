@@ -3,7 +3,9 @@ import json
 import os
 import re
 import resource
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,6 +36,21 @@ def test_bad_flags_exit_2_with_a_message(train_main, capsys, flags):
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert ": error: " in err and err.count("\n") == 1  # one line, no usage block
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "0"], "argument --lr/--base-lr: 0 must be above 0"),
+    (["--epochs", "0"], "argument --epochs: 0 must be at least 1"),
+    (["--dropout", "1"], "argument --dropout: 1 must be in [0, 1)"),
+    (["--target-accuracy", "0"], "argument --target-accuracy: 0 must be in (0, 1]"),
+    (["--lr", "nan"], "argument --lr/--base-lr: nan is not a number"),
+    (["--wd", "1e39"], "argument --wd/--weight-decay: 1e39 is beyond float32's largest number, 3.40282e+38"),
+    (["--seed", "4294967296"], "argument --seed: 4294967296 must be in [0, 4294967295]"),
+])
+def test_a_number_out_of_range_is_told_its_range_in_words(train_main, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        train_main(flags)
+    assert capsys.readouterr().err.endswith(f": error: {message} (see python {Path(sys.argv[0]).name} --help)\n")
 
 
 PROBE_TORCH = ("import runpy, sys; sys.argv = [sys.argv[1]] + sys.argv[2:]\n"
@@ -198,6 +215,13 @@ def test_evaluate_reports_the_accuracy_stored_in_best_pt(train_main, cifar_dir, 
                        "--no-download"]) == 0
     out = capsys.readouterr().out
     assert f"top-1 {100 * stored:.2f}%" in out and f"stored best top-1 {100 * stored:.2f}%" in out
+    assert "(--tta)" not in out
+    evaluate = ["--evaluate", str(tmp_path / "ckpt"), "--data-dir", str(cifar_dir), "--no-download"]
+    assert train_main([*evaluate, "--tta"]) == 0
+    assert "% on each image and its mirror (--tta) (stored best" in capsys.readouterr().out
+    assert train_main([*evaluate, "--model", "resnet18"]) == 1
+    assert capsys.readouterr().err.endswith("was trained with --model wideresnet; refusing --model resnet18 (drop "
+                                            "--model: --evaluate tests a model as it was trained)\n")
 
 
 def test_a_compiled_run_trains_and_resumes_uncompiled(cifar_dir, tmp_path):
@@ -244,8 +268,8 @@ def test_a_checkpoint_older_than_a_fixed_flag_resumes_as_that_flags_default(trai
     assert train_main(tiny_run_args(cifar_dir, tmp_path / "ckpt", "--resume", "--epochs", "2",
                                     "--bn-bias-lr-scale", "8")) == 1
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"error: {path} was trained with --bn-bias-lr-scale 1.0; refusing --bn-bias-lr-scale 8.0 (start a new run "
-        f"in another --checkpoint-dir instead)"]
+        f"error: {path} was trained with --bn-bias-lr-scale 1.0; refusing --bn-bias-lr-scale 8.0 (drop "
+        f"--bn-bias-lr-scale to go on as it was trained, or start a new run in another --checkpoint-dir)"]
     assert path.read_bytes() == before
     assert train_main(tiny_run_args(cifar_dir, tmp_path / "ckpt", "--resume", "--epochs", "2")) == 0
     assert load_checkpoint(path)["args"]["bn_bias_lr_scale"] == 1.0

@@ -41,6 +41,26 @@ def test_reader_reads_the_pickle_layout(cifar_dir):
     assert arrays.classes[:2] == ["class_0", "class_1"] and len(arrays.classes) == 100
 
 
+@pytest.mark.parametrize("labels_as", ["list", "numpy"])
+def test_a_subset_pickled_by_python_3_with_bytes_keys_is_read(cifar_dir, tmp_path, labels_as):
+    """As a user makes one: pickle.load(..., encoding="bytes") of the official (Python 2) files gives keys as bytes
+    (b"data") and the class names as bytes; the subset is pickled back from that."""
+    folder = cifar_dir / "cifar-100-python"
+    subset = tmp_path / "subset" / "cifar-100-python"
+    subset.mkdir(parents=True)
+    for name in ("train", "test", "meta"):
+        entry = pickle.loads((folder / name).read_bytes())
+        if name == "meta":
+            entry = {b"fine_label_names": [label.encode() for label in entry["fine_label_names"]]}
+        else:
+            labels = entry["fine_labels"][:24]
+            entry = {b"data": entry["data"][:24], b"fine_labels": labels if labels_as == "list" else np.array(labels)}
+        (subset / name).write_bytes(pickle.dumps(entry))
+    whole, part = read_cifar100(cifar_dir, download=False), read_cifar100(subset.parent, download=False)
+    assert torch.equal(part.train_images, whole.train_images[:24]) and torch.equal(part.test_labels, whole.test_labels[:24])
+    assert part.classes == whole.classes and isinstance(part.classes[0], str)
+
+
 def test_reader_keeps_pixels_in_channel_order(cifar_dir):
     with open(cifar_dir / "cifar-100-python" / "train", "rb") as handle:
         raw = pickle.load(handle)["data"]

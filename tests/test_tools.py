@@ -87,6 +87,14 @@ def test_plot_refuses_a_metrics_file_with_values_train_py_never_writes(finished_
         plot_metrics(path)
 
 
+def test_plot_of_a_run_folder_draws_its_metrics_csv_beside_it(finished_run, capsys):
+    import plot
+    (finished_run / "metrics.png").unlink()
+    assert plot.main([str(finished_run)]) == 0  # as train.py --resume and --evaluate take a run folder
+    assert capsys.readouterr().out.split() == [str(finished_run / "metrics.png")]
+    assert (finished_run / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_plot_into_a_folder_or_without_the_suffix_writes_and_says_the_png_it_wrote(finished_run, tmp_path, capsys):
     import plot
     folder = tmp_path / "pictures"
@@ -119,12 +127,12 @@ def test_load_model_on_a_device_this_machine_lacks_names_the_device(finished_run
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--batch-sizes", "0"], "argument --batch-sizes: 0 is outside [1, inf]"),
+    (["--batch-sizes", "0"], "argument --batch-sizes: 0 must be at least 1"),
     (["--batch-sizes", "abc"], "argument --batch-sizes: 'abc' is not a valid int"),
-    (["--steps", "0"], "argument --steps: 0 is outside [1, inf]"),
-    (["--train-images", "0"], "argument --train-images: 0 is outside [1, inf]"),
+    (["--steps", "0"], "argument --steps: 0 must be at least 1"),
+    (["--train-images", "0"], "argument --train-images: 0 must be at least 1"),
     (["--models", "resnet50"], "argument --models: 'resnet50' is not one of resnet18, wideresnet"),
-    (["--repeats", "0"], "argument --repeats: 0 is outside [1, inf]"),
+    (["--repeats", "0"], "argument --repeats: 0 must be at least 1"),
 ])
 def test_bench_answers_bad_flags_in_one_line(flags, message, capsys):
     with pytest.raises(SystemExit) as exited:
@@ -232,7 +240,7 @@ def test_a_failed_reproduce_rerun_keeps_the_earlier_results_and_a_split_table_co
     failed = reproduce("fast", "--runs", "seed0", "--work", "elsewhere", "--", *tiny, "--epochs", "0", cwd=tmp_path)
     assert failed.returncode == 1
     assert {path.name: path.read_bytes() for path in seed0.iterdir()} == before  # nothing of it touched
-    assert "argument --epochs: 0 is outside" in (seed0.parent / "seed0.failed" / "output.txt").read_text()
+    assert "argument --epochs: 0 must be at least 1" in (seed0.parent / "seed0.failed" / "output.txt").read_text()
     second = reproduce("fast", "--runs", "seed2", "--", *tiny, cwd=tmp_path)  # the table's other half
     assert second.returncode == 0, second.stdout + second.stderr
     table = (tmp_path / "results" / "fast" / "table.md").read_text()
