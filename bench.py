@@ -75,6 +75,7 @@ from dataset_utils import EvalLoader, TrainLoader  # noqa: E402
 from device_utils import DeviceError, Runtime, get_device, input_dtype, resolve_precision, synchronize  # noqa: E402
 from evaluation import evaluate  # noqa: E402
 from train_step import NonFiniteLossError  # noqa: E402
+from report import plural  # noqa: E402
 from train_utils import build_run, train_one_epoch  # noqa: E402
 
 NOISY_SPREAD = 0.10
@@ -171,9 +172,10 @@ HEADER = ("| model | precision | batch | step | augmentation | set-up s | first 
 
 def format_row(row):
     epoch, test = row["epoch_s"], row["test_s"]
+    capture = f"{row['capture_s']:.2f}" if row["step"].startswith("CUDA graph") else "-"  # nothing was captured
     return (f"| {row['model']} | {row['precision']} | {row['batch']} | {row['step']} | {row['augmentation']} | "
             f"{row['setup_s']:.1f} | "
-            f"{row['first_epoch_s']:.2f} | {row['first_step_s']:.2f} | {row['capture_s']:.2f} | "
+            f"{row['first_epoch_s']:.2f} | {row['first_step_s']:.2f} | {capture} | "
             f"{epoch[0]:.3f} / {epoch[1]:.3f} / {epoch[2]:.3f} | "
             f"{row['epoch_img_s']:,.0f} | {row['step_img_s']:,.0f} | {row['epoch_img_s'] / row['step_img_s']:.2f} | "
             f"{row['augment_img_s']:,.0f} | {test[0]:.3f} / {test[1]:.3f} / {test[2]:.3f} |"
@@ -232,7 +234,7 @@ def run_benchmarks(args, device):
     """Print the table's header, then a row for each model, precision and batch size as it is measured."""
     torch.backends.cudnn.benchmark = True
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{device.type}, {torch.get_num_threads()} threads"
+        f"{device.type}, {plural(torch.get_num_threads(), 'thread')}"
     print(f"{device_name}, torch {torch.__version__}{', compiled' if args.compile else ''}; "
           f"{args.train_images:,}-image epochs, {args.test_images:,}-image test pass, {args.repeats} timed runs each\n")
     print(HEADER)

@@ -91,6 +91,7 @@ def format_epoch_line(row, epochs, split="test", seconds_left=None):
         evaluation = (f"{split} loss {row[f'{split}_loss']:.4f} | top-1 {100 * row[f'{split}_top1']:5.2f}%{raw} | "
                       f"top-5 {100 * row[f'{split}_top5']:5.2f}% | ")
     return (f"epoch {row['epoch']:>3}/{epochs} | {row['epoch_seconds']:6.1f}s | train loss {row['train_loss']:.4f} | "
+            f"train top-1 {100 * row['train_top1']:5.2f}% | "
             f"{evaluation}lr {row['lr']:.5f} | {row['images_per_sec']:,.0f} img/s"
             + (" | new best" if row["best"] else "") + (f" | ETA {clock(seconds_left)}" if seconds_left else ""))
 

@@ -189,8 +189,9 @@ def bench_rows(folder):
 def describe_device():
     """The device the runs used and the torch version, asked of a fresh process (this one loads no torch)."""
     probe = ("import platform, torch\n"
+             "threads = torch.get_num_threads()\n"
              "name = torch.cuda.get_device_name() if torch.cuda.is_available() else "
-             "f'{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads'\n"
+             "f'{platform.processor() or platform.machine()} CPU, {threads} thread' + 's' * (threads != 1)\n"
              "print(f'{name}, torch {torch.__version__}')")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     return result.stdout.strip() or "unknown device"

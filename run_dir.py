@@ -25,6 +25,7 @@ from cli import stop_signals_held
 
 CHECKPOINT_FORMAT = "cifar100-trainer/1"
 NUMBER = (int, float)
+MODEL_SETTINGS = ("depth", "widen_factor", "dropout")  # a WideResNet's: config.json leaves them out for a ResNet18
 # What a checkpoint holds, and the type of each entry: anything else is a damaged file, refused in one line.
 CHECKPOINT_TYPES = {"format": str, "model_config": dict, "model": dict, "optimizer": dict, "scheduler": dict,
                     "epoch": int, "step": int, "best_top1": NUMBER, "early_stopping": dict, "history": list,
@@ -331,7 +332,9 @@ class RunDir:
     def write_records(self, checkpoint):
         """metrics.csv and config.json, the run's readable records, from a checkpoint."""
         atomic_write(self.metrics, metrics_text(checkpoint["history"]).encode())
-        atomic_write(self.config, (json.dumps(checkpoint["args"], indent=2, sort_keys=True) + "\n").encode())
+        settings = {name: value for name, value in checkpoint["args"].items()
+                    if name not in MODEL_SETTINGS or name in checkpoint["model_config"]["kwargs"]}  # the model's own
+        atomic_write(self.config, (json.dumps(settings, indent=2, sort_keys=True) + "\n").encode())
 
     def epoch_in_best(self):
         """The epoch best.pt holds; None if it is missing or unreadable."""

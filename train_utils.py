@@ -332,7 +332,7 @@ def finish_epoch(run, train_result):
     epoch = state.epoch + 1
     row = {"epoch": epoch, "train_seconds": round(train_result.seconds, 3), "images": train_result.images,
            "train_loss": round(train_result.loss, 5), "train_top1": round(train_result.top1, 5),
-           "lr": run.schedule.lrs(epoch * run.train_loader.steps_per_epoch - 1)[0],  # the epoch's last step's
+           "lr": float(f"{run.schedule.lrs(epoch * run.train_loader.steps_per_epoch - 1)[0]:.6g}"),  # its last step's
            "images_per_sec": round(train_result.images_per_sec, 1)}
     evaluation_seconds, is_best = 0.0, False
     if is_due(epoch, config.eval_every, config.epochs):

@@ -112,6 +112,7 @@ def test_end_to_end_run_writes_checkpoints_and_metrics(cifar_dir, tmp_path):
     epoch_line = next(line for line in result.stdout.splitlines() if line.startswith("epoch"))
     for part in ("1/1", "train loss", "test loss", "top-1", "top-5", "lr", "img/s", "new best"):
         assert part in epoch_line
+    train_top1 = float(re.search(r"train loss \d+\.\d{4} \| train top-1 +(\d+\.\d\d)%", epoch_line).group(1))
     assert "best test top-1" in result.stdout and "img/s overall" in result.stdout
     checkpoint = load_checkpoint(tmp_path / "ckpt" / "last.pt")
     assert checkpoint["epoch"] == 1 and checkpoint["model_config"]["name"] == "resnet18"
@@ -119,12 +120,15 @@ def test_end_to_end_run_writes_checkpoints_and_metrics(cifar_dir, tmp_path):
     rows = read_metrics(tmp_path / "ckpt" / "metrics.csv")
     assert len(rows) == 1 and float(rows[0]["images_per_sec"]) > 0 and rows[0]["images"] == "64"
     assert float(rows[0]["lr"]) < 1e-5  # the lr the last step used: OneCycle ends near 0, not one step past it
+    assert rows[0]["lr"] == f"{float(rows[0]['lr']):.6g}"  # to 6 significant digits, as the other columns are rounded
+    assert train_top1 == round(100 * float(rows[0]["train_top1"]), 2)
     assert "done after 1 epoch," in result.stdout
     assert "start-up work in epoch 1 (the first step) not counted" in result.stdout  # no cudnn, no graph on a CPU
     assert re.search(r"; first step done at Unix time \d+\.\d{3}; training step: eager$", result.stdout, re.M)
     assert "recipe: --batch-size 16 --epochs 1" in result.stdout
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    assert config == checkpoint["args"] and config["batch_size"] == 16
+    assert config["batch_size"] == 16 and config["model"] == "resnet18"
+    assert {**config, "depth": 28, "widen_factor": 10, "dropout": 0.0} == checkpoint["args"]  # no WRN settings
 
 
 def test_a_validation_split_picks_the_best_epoch_and_the_test_set_is_used_once_at_the_end(cifar_dir, tmp_path):

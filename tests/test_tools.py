@@ -26,6 +26,15 @@ def test_benchmark_measures_every_figure_on_the_cpu():
         low, median, high = row[key]
         assert 0 < low <= median <= high
     assert row["epoch_s"][1] == pytest.approx(16 / row["epoch_img_s"])
+    cells = bench.format_row(row).split(" | ")
+    assert cells[bench.HEADER.split(" | ").index("capture s")] == "-"  # an eager step captures nothing
+
+
+@pytest.mark.parametrize("threads, said", [(1, "CPU, 1 thread, torch"), (2, "CPU, 2 threads, torch")])
+def test_the_tables_device_counts_its_threads_in_words(monkeypatch, threads, said):
+    import reproduce
+    monkeypatch.setenv("OMP_NUM_THREADS", str(threads))
+    assert said in reproduce.describe_device()
 
 
 @pytest.fixture
