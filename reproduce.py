@@ -1,6 +1,7 @@
 """Run the exact commands behind a table of the README or BENCHMARKS.md, keep their logs, and print the table.
 
     python reproduce.py fast                  # --preset fast for seeds 0, 1 and 2
+    python reproduce.py cpu                   # --preset cpu on the CPU for seeds 0, 1 and 2
     python reproduce.py default               # the default 100-epoch ResNet18 run
     python reproduce.py speed                 # bench.py's rows
     python reproduce.py fast --runs seed0     # some runs of a table; another command may do the others
@@ -18,6 +19,7 @@ import datetime
 import json
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -25,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cli import STOP_SIGNALS, Parser, split_at_dashes
+from cli import STOP_SIGNALS, Parser, Stopped, split_at_dashes
 from run_dir import read_metrics
 
 REPO = Path(__file__).resolve().parent
@@ -51,6 +53,7 @@ END_ONLY = ["--eval-every", "24", "--save-every", "24"]  # the fast preset's 24 
 TABLES = {
     "default": [Run("seed0", ["train.py"])],
     "fast": seeds(["--preset", "fast"]),
+    "cpu": seeds(["--preset", "cpu", "--device", "cpu"]),
     "wrn": [Run("seed0", ["train.py", "--preset", "wrn"])],
     "speed": [Run("resnet18", ["bench.py", "--models", "resnet18", "--batch-sizes", "128,512", "--repeats", "5"]),
               Run("wrn", ["bench.py", "--models", "wideresnet", "--batch-sizes", "512", "--repeats", "3",
@@ -86,13 +89,13 @@ TABLES = {
                                                                                    "--cutout", "16"],
         "cutout16": ["--cutout", "16"], "cutmix": ["--cutmix", "1.0", "--cutmix-prob", "0.5"],
         "ema": ["--ema", "0.999"], "label-smoothing": ["--label-smoothing", "0.1"], "sam0.05": ["--sam", "0.05"]}),
-    # Candidates for --preset cpu on a 2-core CPU, each filling about 9 minutes: depth and width against epochs.
-    "cpu-choice": choices(["--model", "wideresnet", "--batch-size", "128", "--lr", "0.2", "--nesterov",
-                           "--label-smoothing", "0.1", "--flip", "alternate", "--device", "cpu", "--val-size", "5000"], {
-        "wrn10-1": ["--depth", "10", "--widen-factor", "1", "--epochs", "18"],
-        "wrn16-1": ["--depth", "16", "--widen-factor", "1", "--epochs", "11"],
-        "wrn10-2": ["--depth", "10", "--widen-factor", "2", "--epochs", "6"],
-        "wrn16-2": ["--depth", "16", "--widen-factor", "2", "--epochs", "3"]}),
+    # Candidates for --preset cpu on a 2-core CPU: depth against epochs, each about 1.25 times the 10-minute budget
+    # on 50,000 images, then each at the epochs that fit it.
+    "cpu-choice": choices(["--model", "wideresnet", "--widen-factor", "1", "--batch-size", "128", "--lr", "0.2",
+                           "--nesterov", "--label-smoothing", "0.1", "--flip", "alternate", "--device", "cpu",
+                           "--val-size", "5000"], {
+        "wrn10-1-18ep": ["--depth", "10", "--epochs", "18"], "wrn16-1-11ep": ["--depth", "16", "--epochs", "11"],
+        "wrn10-1-12ep": ["--depth", "10", "--epochs", "12"], "wrn16-1-7ep": ["--depth", "16", "--epochs", "7"]}),
 }
 
 
@@ -129,30 +132,45 @@ def is_whole_run(run):
     return run.command[0] == "train.py"
 
 
+class StopsPassedOn:
+    """A stop signal (Ctrl-C, SIGTERM, SIGHUP) while a run goes on is passed on to the run, which saves and stops,
+    and the table stops after it; between runs it stops the table at once. The run has a session of its own, so
+    that a signal to this process's group (Ctrl-C at a terminal) reaches it once, from here, not twice (a second
+    stop makes train.py quit without saving)."""
+
+    def __init__(self):
+        self.process = None
+
+    def install(self):
+        for signum in STOP_SIGNALS:
+            if not (signum == signal.SIGHUP and signal.getsignal(signum) is signal.SIG_IGN):  # nohup: outlive it
+                signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        if self.process is None or self.process.poll() is not None:
+            raise Stopped(signum)
+        self.process.send_signal(signum)
+
+
+STOPS = StopsPassedOn()
+
+
 def run_and_log(command, log_path):
     """Run `python COMMAND` in the repo, its output shown and written to `log_path`; (exit code, wall seconds)."""
     started = time.perf_counter()
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, *command], cwd=REPO, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, bufsize=1)
+                                   stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+        STOPS.process = process
         try:
             for line in process.stdout:
                 sys.stdout.write(line)
                 sys.stdout.flush()  # shown as it comes, also through a pipe
                 log.write(line)
             code = process.wait()
-        except KeyboardInterrupt:  # a Ctrl-C reached the run too: it saves and stops; a lone SIGINT did not
-            wait_or_stop(process)
-            raise
+        finally:
+            STOPS.process = None
     return code, time.perf_counter() - started
-
-
-def wait_or_stop(process, seconds=120):
-    try:
-        process.wait(timeout=seconds)
-    except subprocess.TimeoutExpired:
-        process.terminate()
-        process.wait()
 
 
 def whole_run_row(run, folder):
@@ -228,7 +246,7 @@ def run_into(run, extra, results, work):
     spawned_at = time.time()  # the first step's end, which the run prints by the clock, is timed from here
     try:
         code, wall_seconds = run_and_log(command + where, partial / "output.txt")
-        if code in STOPPED:  # a stop that reached the run alone (or this process ignores: nohup, a background job)
+        if code in STOPPED:  # a stop passed on, or one that reached the run alone
             raise KeyboardInterrupt
     except BaseException:  # a Ctrl-C, even a second one: nothing half-made stays, the earlier results are kept
         shutil.rmtree(partial, ignore_errors=True)
@@ -298,6 +316,7 @@ def check(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    STOPS.install()
     try:
         return check(args) if args.table == CHECK else reproduce(args)
     except ReproduceError as err:

@@ -381,6 +381,18 @@ def test_the_fast_preset_sets_its_recipe_and_flags_still_win():
     assert args.epochs == 12 and explicit == {"preset": "fast", "epochs": 12}
 
 
+def test_the_cpu_preset_trains_a_small_wideresnet_and_flags_still_win(train_main, cifar_dir, tmp_path, capsys):
+    assert train_main(["--preset", "cpu", "--epochs", "1", "--batch-size", "16", "--data-dir", str(cifar_dir),
+                       "--no-download", "--checkpoint-dir", str(tmp_path / "ckpt")]) == 0
+    out = capsys.readouterr().out
+    assert "wideresnet (100 classes, depth=10, dropout=0.0, widen_factor=1): 0.1M parameters" in out
+    assert ("recipe: --model wideresnet --depth 10 --widen-factor 1 --preset cpu --batch-size 16 --lr 0.2 --nesterov "
+            "--label-smoothing 0.1 --flip alternate --epochs 1") in out  # the preset's, with the two given
+    settings = load_checkpoint(tmp_path / "ckpt" / "last.pt")["args"]
+    assert (settings["lr"], settings["nesterov"], settings["label_smoothing"], settings["flip"]) == (
+        0.2, True, 0.1, "alternate")
+
+
 def test_sync_bn_in_one_process_is_a_flag_error(train_main, cifar_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exited:
         train_main(tiny_run_args(cifar_dir, tmp_path / "ckpt", "--sync-bn"))

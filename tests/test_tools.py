@@ -257,9 +257,11 @@ def test_a_failed_reproduce_rerun_keeps_the_earlier_results_and_a_split_table_co
     assert not [path.name for path in seed0.parent.iterdir() if path.name.startswith(".")]  # no half-made folder
 
 
-@pytest.mark.parametrize("reproduce_sigint", ["handled", "ignored"])  # ignored: under nohup, or a background job
-def test_ctrl_c_on_reproduce_keeps_the_earlier_results_and_leaves_nothing_half_made(cifar_dir, tmp_path,
-                                                                                    reproduce_sigint):
+@pytest.mark.parametrize("stop", ["ctrl-c", "ctrl-c with SIGINT ignored", "SIGTERM to reproduce alone"])
+def test_a_stop_of_reproduce_stops_its_run_with_a_checkpoint_and_keeps_the_earlier_results(cifar_dir, tmp_path,
+                                                                                          stop):
+    """Ctrl-C reaches a terminal's whole group, and under nohup or in a background job reproduce.py ignores SIGINT;
+    `kill PID` reaches reproduce.py alone. Each time the run saves once and stops, and nothing half-made stays."""
     import signal
     import subprocess
     import sys
@@ -269,17 +271,23 @@ def test_ctrl_c_on_reproduce_keeps_the_earlier_results_and_leaves_nothing_half_m
     assert reproduce("default", "--", *tiny, "--epochs", 1, cwd=tmp_path).returncode == 0
     results = tmp_path / "results" / "default"
     before = {path.name: path.read_bytes() for path in (results / "seed0").iterdir()}
+    sigint = signal.SIG_IGN if stop == "ctrl-c with SIGINT ignored" else signal.SIG_DFL
     rerun = subprocess.Popen([sys.executable, str(REPO / "reproduce.py"), "default", "--work", "again", "--",
                               *map(str, tiny), "--epochs", "5000"], cwd=tmp_path, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True,  # a terminal's group
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, {
-                                 "handled": signal.SIG_DFL, "ignored": signal.SIG_IGN}[reproduce_sigint]))
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
     for line in rerun.stdout:  # the run's first epoch line: it is training now
         if line.startswith("epoch "):
             break
-    os.killpg(rerun.pid, signal.SIGINT)  # Ctrl-C reaches every process of the group
+    (run_pid,) = map(int, Path(f"/proc/{rerun.pid}/task/{rerun.pid}/children").read_text().split())
+    if stop == "SIGTERM to reproduce alone":
+        rerun.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(rerun.pid, signal.SIGINT)  # Ctrl-C reaches every process of the group
     out, err = rerun.communicate(timeout=120)
     assert rerun.returncode == 130, out[-2000:] + err
+    assert "checkpoint saved. Resume with:" in out and out.count("saving a checkpoint after this step") == 1
+    assert not Path(f"/proc/{run_pid}").exists() or Path(f"/proc/{run_pid}/stat").read_text().split()[2] == "Z"
     assert err.strip().splitlines()[-1] == "interrupted: the earlier results are kept as they were"
     assert {path.name: path.read_bytes() for path in (results / "seed0").iterdir()} == before
     assert sorted(path.name for path in results.iterdir()) == ["seed0", "table.md"]
