@@ -583,15 +583,18 @@ def test_the_estimate_adds_the_steps_augmentation_and_evaluations_left():
     config = Config.from_flags(parse_args(["--epochs", "3", "--batch-size", "128", "--val-size", "5000"])[0])
     images = SimpleNamespace(images=[0] * 5000)
     run = SimpleNamespace(config=config, train_loader=SimpleNamespace(steps_per_epoch=100), state=SimpleNamespace(
-        epoch=0, step=0), runtime=SimpleNamespace(world_size=1), selection_loader=images, val_loader=images,
+        epoch=0, step=0), runtime=SimpleNamespace(world_size=1, device=torch.device("cpu")), selection_loader=images, val_loader=images,
         test_loader=SimpleNamespace(images=[0] * 10_000))
     # 290 steps of 0.5 s and two more epochs' augmentation of 2 s: 149 s; 3 validations and the final model's and
-    # best.pt's tests, 35,000 images at a third of a trained image's 0.5 / 128 s: 45.6 s
+    # best.pt's tests, 35,000 images at half a trained image's 0.5 / 128 s on a CPU: 68.4 s
     assert describe_estimate(run, 0.5, 2.0, steps_done=10, timed_steps=9).startswith(
-        "estimated time to the end: 0:03:15 for 3 epochs (0:02:29 training, about 0:00:46 evaluating)")
+        "estimated time to the end: 0:03:37 for 3 epochs (0:02:29 training, about 0:01:08 evaluating)")
+    run.runtime = SimpleNamespace(world_size=1, device=torch.device("cuda"))  # a fifth of a trained image on a GPU
+    assert "about 0:00:27 evaluating" in describe_estimate(run, 0.5, 2.0, steps_done=10, timed_steps=9)
+    run.runtime = SimpleNamespace(world_size=1, device=torch.device("cpu"))
     with_ema_and_tta = replace(config, ema=0.999, tta=True)
     run.config = with_ema_and_tta  # 6 validations (the average and the raw weights), 2 tests; each image twice
-    assert "about 0:02:10 evaluating" in describe_estimate(run, 0.5, 2.0, steps_done=10, timed_steps=9)
+    assert "about 0:03:15 evaluating" in describe_estimate(run, 0.5, 2.0, steps_done=10, timed_steps=9)
 
 
 def test_a_resumed_run_says_which_epoch_its_start_up_was_in_and_what_this_process_did(train_main, cifar_dir,
