@@ -2,6 +2,7 @@
 restore that checks each part against this run, and `load_model`. The files themselves are run_dir.py's."""
 import contextlib
 import random
+import sys
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -161,13 +162,16 @@ def load_weights(model, weights):
 
 def restore_generators(checkpoint, path, runtime, seed):
     """Every generator as this rank left it; with another number of processes the draws cannot match the old run
-    anyway, so the ranks are only kept apart."""
+    anyway, so the ranks are only kept apart, and rank 0 says so."""
     with damage_reported(path, "random generator states"):
         rng_states = checkpoint["rng"]
         if len(rng_states) == runtime.world_size:
             restore_rng_state(rng_states[runtime.rank])
-        else:
-            seed_everything(seed + 1000 * checkpoint["epoch"] + runtime.rank)
+            return
+        seed_everything(seed + 1000 * checkpoint["epoch"] + runtime.rank)
+    if runtime.is_main:
+        print(f"note: {path} was trained by {len(rng_states)} processes and this run has {runtime.world_size}: it "
+              f"goes on, but will not match, bit for bit, the run that kept its number of processes", file=sys.stderr)
 
 
 @contextlib.contextmanager

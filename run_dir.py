@@ -334,6 +334,7 @@ class RunDir:
         atomic_write(self.metrics, metrics_text(checkpoint["history"]).encode())
         settings = {name: value for name, value in checkpoint["args"].items()
                     if name not in MODEL_SETTINGS or name in checkpoint["model_config"]["kwargs"]}  # the model's own
+        settings["world_size"] = len(checkpoint["rng"])  # the processes that trained it: one generator state each
         atomic_write(self.config, (json.dumps(settings, indent=2, sort_keys=True) + "\n").encode())
 
     def epoch_in_best(self):

@@ -128,6 +128,7 @@ def test_end_to_end_run_writes_checkpoints_and_metrics(cifar_dir, tmp_path):
     assert "recipe: --batch-size 16 --epochs 1" in result.stdout
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert config["batch_size"] == 16 and config["model"] == "resnet18"
+    assert config.pop("world_size") == 1  # the processes that trained it
     assert {**config, "depth": 28, "widen_factor": 10, "dropout": 0.0} == checkpoint["args"]  # no WRN settings
 
 
@@ -514,6 +515,20 @@ def test_train_images_is_shown_recorded_and_fixed_on_resume(train_main, cifar_di
     assert "was trained with --train-images 40; refusing --train-images 64" in capsys.readouterr().err
     assert run("--resume", "--epochs", "2") == 0  # the same 40 images
     assert load_checkpoint(folder / "last.pt")["history"][1]["images"] == 40
+
+
+def test_a_resume_on_another_number_of_processes_goes_on_and_says_it_will_not_match(train_main, cifar_dir, tmp_path,
+                                                                                     capsys):
+    folder = tmp_path / "ckpt"
+    assert train_main(tiny_run_args(cifar_dir, folder, "--epochs", "1")) == 0
+    checkpoint = load_checkpoint(folder / "last.pt")
+    checkpoint["rng"] = checkpoint["rng"] * 2  # as two torchrun processes write it: one generator state each
+    torch.save(checkpoint, folder / "last.pt")
+    capsys.readouterr()
+    assert train_main(tiny_run_args(cifar_dir, folder, "--resume", "--epochs", "2")) == 0
+    assert (f"note: {folder / 'last.pt'} was trained by 2 processes and this run has 1: it goes on, but will not "
+            "match, bit for bit, the run that kept its number of processes") in capsys.readouterr().err
+    assert json.loads((folder / "config.json").read_text())["world_size"] == 1  # the checkpoint this process wrote
 
 
 def test_a_resume_on_other_training_data_names_the_change_not_damage(train_main, tmp_path, capsys):
