@@ -54,7 +54,7 @@ class Progress:
     def report(self, step, loss, lr, images_per_sec, seconds):
         """At a sync point, after `step` (0-based) and `seconds` of training in this epoch."""
         self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4f}", img_s=f"{images_per_sec:,.0f}")
-        if self.lines and time.perf_counter() - self.last_line >= PROGRESS_SECONDS:
+        if self.line_due():
             remaining = (self.steps - step - 1) * seconds / max(step + 1 - self.start_step, 1)
             show(f"  epoch {self.run.state.epoch + 1}/{self.run.config.epochs}: step {step + 1}/{self.steps} | "
                  f"loss {loss:.4f} | lr {lr:.5f} | {images_per_sec:,.0f} img/s | epoch ETA {clock(remaining)}",

@@ -134,9 +134,9 @@ def is_whole_run(run):
 
 class StopsPassedOn:
     """A stop signal (Ctrl-C, SIGTERM, SIGHUP) while a run goes on is passed on to the run, which saves and stops,
-    and the table stops after it; between runs it stops the table at once. The run has a session of its own, so
-    that a signal to this process's group (Ctrl-C at a terminal) reaches it once, from here, not twice (a second
-    stop makes train.py quit without saving)."""
+    and the table stops after it; between runs it stops the table at once. The run is started in a process group
+    of its own, so that a signal to this process's group (Ctrl-C at a terminal) reaches it once, from here, not
+    twice (a second stop makes train.py quit without saving)."""
 
     def __init__(self):
         self.process = None

@@ -124,7 +124,7 @@ def train_one_epoch(run, show_progress=None):
             train_step.first_step_seconds = time.perf_counter() - step_started
         images_done += len(labels)
         progress.step_done()
-        estimate_due = not run.estimated and step + 1 - start_step >= ESTIMATE_AFTER_STEPS
+        estimate_due = not run.estimated and (step + 1 - start_step >= ESTIMATE_AFTER_STEPS or last_step)
         unplanned = not runtime.distributed and (interrupt.requested or estimate_due or progress.line_due())
         if (step + 1) % sync_every == 0 or last_step or unplanned:  # under torchrun every rank syncs alike
             if next_epoch_wanted:  # now, with steps queued to keep the GPU busy, and after the graph capture
@@ -138,7 +138,7 @@ def train_one_epoch(run, show_progress=None):
                 stopped_at_step = step + 1
                 break
             stepping = time.perf_counter() - stepping_started - (train_step.setup_seconds - setup_at_start)
-            if estimate_due or last_step and not run.estimated:
+            if estimate_due:
                 first_step_here = setup_at_start != train_step.setup_seconds
                 estimate_once(run, step + 1, step + 1 - start_step - first_step_here, stepping,
                               augment_seconds=stepping_started - started)
