@@ -13,7 +13,7 @@ import torch.nn as nn
 from device_utils import get_device, on_main_rank
 from model import build_model
 from report import describe_error
-from run_dir import CHECKPOINT_FORMAT, NUMBER, CheckpointError, is_a, load_checkpoint, new_run_id
+from checkpoint_file import CHECKPOINT_FORMAT, NUMBER, CheckpointError, is_a, load_checkpoint, new_run_id
 from train_step import NonFiniteLossError
 
 

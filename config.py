@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from cli import (FLOAT32_MAX, FRACTION, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, FlagError,
                  Parser, bounded, non_empty)
-from run_dir import CheckpointError
+from checkpoint_file import CheckpointError
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from cli import Parser
-from run_dir import METRICS_COLUMNS
+from checkpoint_file import METRICS_COLUMNS
 
 CURVES = ((("train_loss", "val_loss", "test_loss"), 1, "cross-entropy", "loss"),
           (("train_top1", "val_top1", "val_top5", "test_top1", "test_top5", "raw_top1"), 100, "%", "accuracy"))

@@ -22,7 +22,8 @@ from config import Config, parse_args, resumed_config
 from data_files import DataError, check_data_dir
 from report import (Notes, describe_finished, describe_outcome, describe_run, describe_start_up_work, draw_plot, fail,
                     open_tensorboard, plot_is_possible, resume_command, show)
-from run_dir import CheckpointError, RunDir, load_checkpoint
+from checkpoint_file import CheckpointError, load_checkpoint
+from run_dir import RunDir
 
 def main(argv=None):
     """`python train.py`: returns the exit code."""

@@ -24,7 +24,7 @@ from device_utils import (all_reduce_sum, broadcast_from_main, distribute_model,
 from evaluation import evaluate
 from optimization import OneCycle, make_optimizer
 from report import ESTIMATE_AFTER_STEPS, Progress, describe_estimate, format_epoch_line, log_tensorboard, show
-from run_dir import CheckpointError
+from checkpoint_file import CheckpointError
 from signals import Interrupt
 from train_step import (CORRECT, LOSS_SUM, NonFiniteLossError, RunningSums, SharpnessAware, StepParts, TrainStep,
                         WeightAverage, make_train_step)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import REPO, assert_same_weights, load_weights, run_train, tiny_run_args
-from run_dir import load_checkpoint, read_metrics
+from checkpoint_file import load_checkpoint
+from run_dir import read_metrics
 
 
 @pytest.mark.parametrize("flags", [

@@ -8,7 +8,7 @@ import torch
 
 from conftest import REPO, load_weights, run_train, tiny_run_args, write_cifar100
 from model import build_model
-from run_dir import load_checkpoint
+from checkpoint_file import load_checkpoint
 
 
 # The last --batch-size wins: 32 per process. The weight average (--ema) is what is evaluated and saved.

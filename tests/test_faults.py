@@ -9,7 +9,7 @@ import time
 import pytest
 
 from conftest import REPO, assert_same_weights, load_weights, run_train, tiny_run_args, write_cifar100
-from run_dir import load_checkpoint
+from checkpoint_file import load_checkpoint
 
 EPOCHS = 4
 

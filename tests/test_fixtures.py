@@ -11,7 +11,7 @@ import re
 import shutil
 from pathlib import Path
 
-from run_dir import load_checkpoint
+from checkpoint_file import load_checkpoint
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

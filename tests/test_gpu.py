@@ -110,7 +110,7 @@ def step_used(result):
 
 
 def test_a_short_real_run_on_the_gpu_writes_checkpoints_that_resume(gpu_data, tmp_path):
-    from run_dir import load_checkpoint
+    from checkpoint_file import load_checkpoint
     mixed = tiny_gpu_run(gpu_data, tmp_path / "mixed", "--epochs", 1, "--mixup", 0.2, "--cutmix", 1.0)
     assert step_used(mixed) == "CUDA graph"  # soft targets through the bf16 graphed step
     first = tiny_gpu_run(gpu_data, tmp_path / "ckpt", "--epochs", 3, "--target-accuracy", 0.01, "--patience", 1)
@@ -133,7 +133,7 @@ def test_a_short_real_run_on_the_gpu_writes_checkpoints_that_resume(gpu_data, tm
     (["--bn-bias-lr-scale", 8, "--flip", "alternate", "--tta-crops", "--epochs", 2], "CUDA graph"),
 ], ids=["compile", "no-cuda-graphs", "min-momentum", "2-step-epochs", "strongest-recipe", "airbench-tricks"])
 def test_each_cuda_path_trains_with_the_step_it_says(gpu_data, tmp_path, flags, step):
-    from run_dir import load_checkpoint
+    from checkpoint_file import load_checkpoint
     result = tiny_gpu_run(gpu_data, tmp_path / "ckpt", *flags)
     assert step_used(result) == step
     history = load_checkpoint(tmp_path / "ckpt" / "last.pt")["history"]
@@ -144,7 +144,7 @@ def test_each_cuda_path_trains_with_the_step_it_says(gpu_data, tmp_path, flags, 
 
 @pytest.mark.skipif(not cuda_available() or gpu_count() < 2, reason="needs two GPUs")
 def test_a_run_on_the_second_gpu_captures_and_trains_there(gpu_data, tmp_path):
-    from run_dir import load_checkpoint
+    from checkpoint_file import load_checkpoint
     result = tiny_gpu_run(gpu_data, tmp_path / "ckpt", "--epochs", 2, device="cuda:1")
     assert "on cuda:1 x1" in result.stdout and step_used(result) == "CUDA graph"
     history = load_checkpoint(tmp_path / "ckpt" / "last.pt")["history"]

@@ -13,7 +13,8 @@ import torch
 
 import run_dir
 from conftest import REPO, load_weights, run_train, tiny_run_args, write_cifar100
-from run_dir import load_checkpoint, read_metrics
+from checkpoint_file import load_checkpoint
+from run_dir import read_metrics
 from test_distributed import torchrun
 
 

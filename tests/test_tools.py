@@ -218,7 +218,8 @@ def reproduce(*args, cwd):
 
 def test_reproduce_runs_a_tables_commands_keeps_their_logs_and_prints_the_table(cifar_dir, tmp_path):
     from conftest import TINY_MODEL
-    from run_dir import load_checkpoint, read_metrics
+    from checkpoint_file import load_checkpoint
+    from run_dir import read_metrics
     tiny = [*TINY_MODEL, "--data-dir", cifar_dir, "--no-download", "--batch-size", 16, "--epochs", 2, "--device", "cpu"]
     result = reproduce("fast", "--runs", "seed1", "--", *tiny, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -21,7 +21,8 @@ from dataset_utils import load_cifar100
 from device_utils import Runtime
 from evaluation import evaluate, view_logits
 from optimization import OneCycle
-from run_dir import CheckpointError, atomic_write, load_checkpoint
+from checkpoint_file import CheckpointError, load_checkpoint
+from run_dir import atomic_write
 from train_step import NonFiniteLossError, StepParts, WeightAverage, make_train_step, uses_cuda_graphs
 from train_utils import EarlyStopping, build_run, make_criterion, train_one_epoch
 
@@ -132,8 +133,8 @@ def test_a_full_disk_keeps_the_previous_file_and_says_so(tmp_path, monkeypatch):
 def test_a_kill_during_a_checkpoint_write_leaves_the_old_file_loadable(tmp_path):
     path = tmp_path / "last.pt"
     torch.save({"generation": 1}, path)
-    writer = ("import sys, torch; sys.path.insert(0, sys.argv[2]); from run_dir import atomic_write, "
-              "checkpoint_bytes; atomic_write(sys.argv[1], checkpoint_bytes({'big': torch.ones(400_000_000, "
+    writer = ("import sys, torch; sys.path.insert(0, sys.argv[2]); from run_dir import atomic_write; "
+              "from checkpoint_file import checkpoint_bytes; atomic_write(sys.argv[1], checkpoint_bytes({'big': torch.ones(400_000_000, "
               "dtype=torch.uint8)}))")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     process = subprocess.Popen([sys.executable, "-c", writer, str(path), repo])
