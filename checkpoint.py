@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from device_utils import get_device, on_main_rank
+from launch import launch_record
 from model import build_model
 from report import describe_error
 from checkpoint_file import CHECKPOINT_FORMAT, NUMBER, CheckpointError, is_a, load_checkpoint, new_run_id
@@ -68,7 +69,7 @@ def checkpoint_of(run, rng_states):
         "epoch_totals": state.epoch_totals, "best_top1": state.best_top1,
         "early_stopping": run.early_stopping.state_dict(), "history": list(state.history),
         "args": asdict(run.config), "rng": rng_states, "val_split": split_fingerprint(run.val_loader),
-        "run_id": state.run_id, "train_data": training_data(run.train_loader),
+        "run_id": state.run_id, "train_data": training_data(run.train_loader), "launch": launch_record(),
     })
 
 

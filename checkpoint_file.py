@@ -18,7 +18,8 @@ CHECKPOINT_TYPES = {"format": str, "model_config": dict, "model": dict, "optimiz
                     "args": dict, "rng": list}
 OPTIONAL_TYPES = {"ema": dict, "epoch_totals": dict, "val_split": str,  # None (or absent) when unused
                   "run_id": str,  # absent from checkpoints written before runs had ids
-                  "train_data": dict}  # absent from those written before the training data was recorded
+                  "train_data": dict,  # absent from those written before the training data was recorded
+                  "launch": dict}  # torchrun's and SLURM's identity of the launch that wrote it (launch.py)
 METRICS_COLUMNS = ("epoch", "epoch_seconds", "train_seconds", "images", "train_loss", "train_top1", "val_loss",
                    "val_top1", "val_top5", "test_loss", "test_top1", "test_top5", "raw_top1", "lr", "images_per_sec",
                    "best")
@@ -99,6 +100,10 @@ def check_entry_types(checkpoint, path):
     if data is not None and not (set(data) == {"images", "fingerprint"} and is_a(data["images"], int)
                                  and data["images"] > 0 and isinstance(data["fingerprint"], str)):
         raise CheckpointError(f"{path} is damaged: its train_data is not a count of images and a fingerprint")
+    launch = checkpoint.get("launch")
+    if launch is not None and not (set(launch) <= {"torchrun", "slurm"} and all(isinstance(value, str)
+                                                                              for value in launch.values())):
+        raise CheckpointError(f"{path} is damaged: its launch is not torchrun's and SLURM's names of a launch")
     if not 0 <= checkpoint["best_top1"] <= 1:  # NaN too: a best that no epoch could beat
         raise CheckpointError(f"{path} is damaged: its best_top1 {checkpoint['best_top1']} is no fraction in [0, 1]")
     evaluated = [row[f"{split}_top1"] for row in history for split in ("val", "test") if f"{split}_top1" in row]

@@ -9,6 +9,8 @@ import signal
 import sys
 import textwrap
 
+from launch import rank
+
 FLOAT32_MAX = 3.4028234663852886e38  # what a float setting must fit in: the training computes in float32
 
 
@@ -88,7 +90,8 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         if self.raising:
             raise FlagError(message)
-        self.exit(2, f"{self.prog}: error: {message} (see python {self.prog} --help)\n")
+        said_by_rank_0 = rank() != 0  # under torchrun every rank parses the same command: one line, not one a rank
+        self.exit(2, None if said_by_rank_0 else f"{self.prog}: error: {message} (see python {self.prog} --help)\n")
 
 
 def comma_separated(convert):
@@ -107,7 +110,8 @@ def one_of(*choices):
     return check
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, a batch system or a kill, a closed terminal
+# Ctrl-C, a batch system or a kill, a closed terminal (Windows has no SIGHUP)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class Stopped(KeyboardInterrupt):

@@ -101,6 +101,7 @@ class Config:
     no_download: bool = this_command()
     workers: int | None = this_command()
     device: str = this_command()
+    dist_timeout: int = this_command()
     compile: bool = this_command()
     no_cuda_graphs: bool = this_command()
     test_batch_size: int = this_command()
@@ -264,7 +265,8 @@ def build_parser(raising=False):
                        help="seeds the weights, the data order and the augmentation")
     run = parser.add_argument_group("run")
     run.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
-                     help="continue from PATH (default <checkpoint-dir>/last.pt)")
+                     help="continue from PATH (default <checkpoint-dir>/last.pt); auto: continue the folder's run "
+                          "if it holds one, else start it (for a job that a scheduler repeats)")
     run.add_argument("--evaluate", nargs="?", const="", default=None, metavar="PATH",
                      help="test PATH (default <checkpoint-dir>/best.pt) and exit")
     run.add_argument("--checkpoint-dir", type=non_empty, default="checkpoint",
@@ -274,6 +276,9 @@ def build_parser(raising=False):
     run.add_argument("--workers", type=bounded(int, low=1, high=os.cpu_count() or 1), default=None,
                      help="CPU threads for torch (None: torch's choice; the data needs no worker processes)")
     run.add_argument("--device", type=device_name, default="auto", help="auto, cuda, cuda:N, mps or cpu")
+    run.add_argument("--dist-timeout", type=bounded(int, low=1, high=7 * 24 * 3600), default=600, metavar="SECONDS",
+                     help="under torchrun, how long a process waits for the others, to meet or in a collective, "
+                          "before the run stops")
     run.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                      help="auto: bf16 autocast on CUDA, fp32 elsewhere")
     run.add_argument("--compile", action="store_true", help="torch.compile the model (inductor kernels)")

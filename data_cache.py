@@ -14,6 +14,9 @@ import zlib
 import numpy as np
 import torch
 
+from launch import is_first_on_its_node
+from system import process_exists
+
 IMAGE_SHAPE = (3, 32, 32)
 
 
@@ -31,7 +34,7 @@ def cached_split(path, num_classes):
     try:
         images, labels = read_cache(cache, path, num_classes)
     except IgnoredCache as reason:
-        if os.environ.get("LOCAL_RANK", "0") == "0":  # under torchrun, a machine's ranks all read this folder
+        if is_first_on_its_node():  # under torchrun, a machine's ranks all read this folder
             print(f"note: {cache} ignored ({reason}): rebuilt from {path.name}", file=sys.stderr, flush=True)
         return None
     return torch.from_numpy(images), torch.from_numpy(labels)
@@ -95,16 +98,6 @@ def remove_abandoned_caches(cache):
         if writer.isdigit() and not process_exists(int(writer)):
             with contextlib.suppress(OSError):
                 entry.unlink()
-
-
-def process_exists(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
 
 
 def write_cache(path, images, labels):

@@ -1,7 +1,9 @@
 """Choosing the device, mixed precision, and the distributed process group (torchrun)."""
 import contextlib
 import ctypes
+import datetime
 import os
+import re
 import signal
 import sys
 from dataclasses import dataclass
@@ -84,8 +86,9 @@ class Runtime:
         return self.world_size > 1
 
 
-def setup_runtime(preference=None):
-    """Pick the device; under torchrun (WORLD_SIZE > 1) also join the process group: NCCL on CUDA, gloo on CPU."""
+def setup_runtime(preference=None, timeout_seconds=600):
+    """Pick the device; under torchrun (WORLD_SIZE > 1) also join the process group: NCCL on CUDA, gloo on CPU.
+    A peer that does not join, or stops answering a collective, fails it after `timeout_seconds`."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = get_device(preference)
     if world_size == 1:
@@ -105,8 +108,28 @@ def setup_runtime(preference=None):
     else:
         raise DeviceError(f"distributed training runs on cuda (NCCL) or cpu (gloo), not {device.type}")
     stop_with_the_launcher()
-    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    timeout = datetime.timedelta(seconds=timeout_seconds)
+    try:
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
+                                store=attempt_store(rank, world_size, timeout))
+    except (RuntimeError, ValueError) as err:  # DistError and its kinds are RuntimeErrors
+        raise DeviceError(f"the {world_size} processes did not meet within --dist-timeout {timeout_seconds} s "
+                          f"({describe_dist_error(err)}): every node must start the same torchrun command, and "
+                          f"reach rank 0's address") from None
     return Runtime(device, rank, world_size)
+
+
+def attempt_store(rank, world_size, timeout):
+    """torchrun's store, seen under a prefix of this attempt's own; None outside torchrun (env:// as usual). After a
+    restart (--max-restarts) torch's own set-up reads the failed attempt's keys, and gloo dials a dead process's
+    address ("connectFullMesh failed ... Connection refused", torch 2.14 on CPU, a torch-only script too)."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    hosted_by_launcher = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=rank == 0 and not hosted_by_launcher, timeout=timeout)
+    return dist.PrefixStore(f"train.py/attempt-{attempt}", store)
 
 
 def use_cuda_device(index):
@@ -152,9 +175,10 @@ def broadcast_from_main(tensors, runtime):
             dist.broadcast(tensor, src=0)
 
 
-def on_main_rank(runtime, action):
-    """Run `action` on rank 0 alone and return its result there; the error it raises, if any, is raised on every
-    rank (a collective under torchrun), so that all ranks stop together with the same one-line message."""
+def on_main_rank(runtime, action, share=False):
+    """Run `action` on rank 0 alone and return its result there (on every rank, `share`d, as the checkpoint rank 0
+    alone reads); the error it raises, if any, is raised on every rank (a collective under torchrun), so that all
+    ranks stop together with the same one-line message."""
     result, error = None, None
     if runtime.is_main:
         try:
@@ -162,14 +186,41 @@ def on_main_rank(runtime, action):
         except Exception as err:  # noqa: BLE001 - handed to every rank, then raised there
             error = err
     if runtime.distributed:
-        shared = [error]
+        shared = [error, result if share else None]
         dist.broadcast_object_list(shared, src=0)
         error = shared[0]
+        result = shared[1] if share else result
     if error is not None:
         error.every_rank_stops = runtime.distributed
         error.shown_by_rank_0 = not runtime.is_main  # the other ranks stop quietly: one line in all
         raise error
     return result
+
+
+def any_rank(flag, runtime):
+    """Whether `flag` holds on any rank (a collective: every rank must call it)."""
+    return bool(max_over_ranks(int(flag), runtime))
+
+
+# What gloo and NCCL say when a collective fails because another process is gone, not through this one's fault.
+LOST_PEER_WORDS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "timed out", "Timed out",
+                   "remote process exited", "NCCL communicator was aborted")
+
+
+def describe_lost_peer(error, runtime):
+    """What happened, when `error` is a collective that failed because a peer process stopped (killed, its node
+    lost, or silent past --dist-timeout); None for any other error."""
+    if not runtime.distributed or not (isinstance(error, dist.DistError) or isinstance(error, RuntimeError) and any(
+            word in str(error) for word in LOST_PEER_WORDS)):
+        return None
+    return f"another process of the {runtime.world_size} stopped ({describe_dist_error(error)})"
+
+
+def describe_dist_error(error):
+    """gloo's and NCCL's message in a few words: the peer's address and what happened, without source paths."""
+    text = str(error).split(". This is typically")[0]
+    text = re.sub(r"\[[^\]]*\.(cpp|cc|h|hpp):\d+\]\s*", "", text)  # "[../gloo/transport/tcp/pair.cc:545] "
+    return " ".join(text.split())[:200]
 
 
 def leave_together(runtime):

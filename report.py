@@ -10,6 +10,7 @@ from dataclasses import fields
 from tqdm import tqdm
 
 from config import Config, OnResume, as_flags, describe_model_config, is_due, parse_args
+from launch import is_first_on_its_node, launcher_words, rank
 
 
 PROGRESS_SECONDS = 60  # without a terminal, a progress line at most this often (a CPU epoch takes minutes)
@@ -229,9 +230,12 @@ def plot_is_possible():
 
 
 def fail(error, code=1):
-    """One line on standard error; under torchrun only once, by rank 0, for an error every rank stopped on."""
-    if not getattr(error, "shown_by_rank_0", False):
-        print(f"error: {error}", file=sys.stderr)
+    """One line on standard error. Under torchrun, an error that rank 0 says for every rank (`shown_by_rank_0`)
+    is said there alone; any other, met by each rank alike or by one node's ranks, once a node: by rank 0, and by
+    each other node's first rank, which names itself."""
+    if getattr(error, "shown_by_rank_0", False) or not (rank() == 0 or is_first_on_its_node()):
+        return code
+    print(f"error: {'' if rank() == 0 else f'rank {rank()}: '}{error}", file=sys.stderr)
     return code
 
 
@@ -269,14 +273,7 @@ class Notes:
 
 def resume_command(last, explicit):
     """The command that continues this run: the launcher it runs under, and this command's own settings given."""
-    launcher = ["python", "train.py"]
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        processes = os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
-        launcher = ["torchrun", "--standalone", f"--nproc_per_node={processes}", "train.py"]
-        if processes != os.environ["WORLD_SIZE"]:  # several nodes: their rendezvous is the user's to repeat
-            launcher = ["torchrun", f"--nnodes={int(os.environ['WORLD_SIZE']) // int(processes)}",
-                        f"--nproc_per_node={processes}", "...", "train.py"]
     flags = as_flags({setting.name: explicit[setting.name] for setting in fields(Config)
                       if OnResume.of(setting) is OnResume.THIS_COMMAND and setting.name in explicit
                       and setting.name != "checkpoint_dir"})
-    return shlex.join([*launcher, "--resume", str(last), *flags])
+    return shlex.join([*launcher_words(), "--resume", str(last), *flags])

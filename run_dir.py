@@ -10,7 +10,6 @@ seconds on that.
 """
 import contextlib
 import csv
-import fcntl
 import io
 import json
 import os
@@ -22,6 +21,8 @@ from pathlib import Path
 from checkpoint_file import (METRICS_COLUMNS, CheckpointError, checkpoint_bytes, describe_position, load_checkpoint,
                              position, run_id_of)
 from cli import stop_signals_held
+from launch import launch_record, relaunched_by
+from system import LOCK_FILE_FLAGS, lock_exclusively, release_lock, sync_folder
 
 MODEL_SETTINGS = ("depth", "widen_factor", "dropout")  # a WideResNet's: config.json leaves them out for a ResNet18
 
@@ -55,11 +56,7 @@ def atomic_write(path, data):
         raise CheckpointError(f"could not write {path}: {err.strerror or err}; "
                               f"the previous {path.name}, if any, is untouched", err.strerror or str(err)) from None
     try:
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # make the rename itself durable
-        finally:
-            os.close(directory)
+        sync_folder(path.parent)  # make the rename itself durable
     except OSError as err:
         raise CheckpointError(f"could not make the write of {path} durable: {err.strerror or err}",
                               err.strerror or str(err)) from None
@@ -121,7 +118,9 @@ class RunDir:
 
     def claim(self, source=None):
         """Lock the folder for this run and check it can be written; for a resume of `source`, read it and check
-        the folder holds that very run, or nothing. Returns the checkpoint to go on from; writes nothing."""
+        the folder holds that very run, or nothing. Returns (the checkpoint to go on from, its path), or None for a
+        new run; writes nothing. A command that torchrun or SLURM started again goes on from the folder's last.pt,
+        if its own launch wrote it or it holds the run `source` names."""
         with stop_signals_held():  # a stop between the folder's making and its lock would leave both behind
             try:
                 self.created = not self.path.exists()
@@ -136,13 +135,34 @@ class RunDir:
         except CheckpointError as err:
             raise CheckpointError(f"checkpoint folder {self.path} is not writable ({err.reason})") from None
         probe.unlink()
+        relaunched = self.relaunched_source(source)
+        if relaunched != source:
+            checkpoint = load_checkpoint(relaunched)
+            if self.continues(checkpoint, source):
+                return checkpoint, relaunched
         self.check_can_hold(source)
         if source is None:
             return None
         checkpoint = load_checkpoint(source)
         if not self.is_own(source):
             self.check_holds_run_of(checkpoint, Path(source))
-        return checkpoint
+        return checkpoint, Path(source)
+
+    def relaunched_source(self, source):
+        """What a command goes on from when torchrun (--max-restarts) or SLURM (a requeue) started it again after
+        a failure: the folder's last.pt, if it has one; else, and at a command's first start, `source`."""
+        return self.last if relaunched_by() and self.last.is_file() and not (
+            source is not None and self.is_own(source)) else source
+
+    def continues(self, checkpoint, source):
+        """Whether a relaunched command goes on from the folder's own `checkpoint`: the same launch wrote it, or it
+        is the run that the command's --resume names. A fresh command on a folder of another run is still refused."""
+        kind = relaunched_by()
+        this_launch = launch_record().get(kind)
+        if this_launch is not None and (checkpoint.get("launch") or {}).get(kind) == this_launch:
+            return True
+        run_id = checkpoint.get("run_id")
+        return source is not None and run_id is not None and run_id_of(source) == run_id
 
     def is_own(self, path):
         return Path(path).resolve() == self.last.resolve()
@@ -177,12 +197,12 @@ class RunDir:
         self.reconcile(checkpoint)
 
     def take_lock(self):
-        try:  # opened read-only: flock needs no more, and the folder's file system can still be remounted
-            self.lock = os.open(self.path / self.LOCK, os.O_RDONLY | os.O_CREAT, 0o644)
+        try:
+            self.lock = os.open(self.path / self.LOCK, LOCK_FILE_FLAGS, 0o644)
         except OSError as err:
             raise CheckpointError(f"checkpoint folder {self.path} is not writable ({err.strerror or err})") from None
         try:
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock_exclusively(self.lock)
         except BlockingIOError:
             os.close(self.lock)
             self.lock = None
@@ -268,12 +288,13 @@ class RunDir:
             self.wait()
         finally:
             if self.lock is not None:
+                lonely = False  # the lock is all the folder would hold
                 with contextlib.suppress(OSError):
                     self.remove_own_temporaries()  # what a claim stopped halfway (a signal) may have left
                     (self.path / self.PROBE).unlink(missing_ok=True)
-                    if [entry.name for entry in self.path.iterdir()] == [self.LOCK]:
-                        (self.path / self.LOCK).unlink()
-                        if self.created:
-                            self.path.rmdir()
-                os.close(self.lock)
-                self.lock = None
+                    lonely = [entry.name for entry in self.path.iterdir()] == [self.LOCK]
+                lock, self.lock = self.lock, None
+                with contextlib.suppress(OSError):
+                    release_lock(lock, self.path / self.LOCK, remove=lonely)
+                    if lonely and self.created:
+                        self.path.rmdir()

@@ -10,7 +10,6 @@
 another run) before torch loads; `train` then reads top to bottom: the run folder, the settings, the data, the
 run built whole, its epochs, its final tests and its summary.
 """
-import os
 import signal
 import sys
 import time
@@ -19,11 +18,13 @@ from pathlib import Path
 
 from cli import STOP_SIGNALS, STOPPED_STARTING, Stopped, exit_worker, quit_while_starting, raise_stopped
 from config import Config, parse_args, resumed_config
+from checkpoint_file import CheckpointError, describe_position, load_checkpoint
 from data_files import DataError, check_data_dir
+from launch import LaunchError, check_launch, is_distributed, next_restart, rank
 from report import (Notes, describe_finished, describe_outcome, describe_run, describe_start_up_work, draw_plot, fail,
                     open_tensorboard, plot_is_possible, resume_command, show)
-from checkpoint_file import CheckpointError, load_checkpoint
 from run_dir import RunDir
+
 
 def main(argv=None):
     """`python train.py`: returns the exit code."""
@@ -32,11 +33,8 @@ def main(argv=None):
         args, explicit = parse_args(argv)
         try:  # checked again under the folder's lock; here, before seconds go on loading torch
             first_look(args, explicit)
-        except (CheckpointError, DataError) as err:  # under torchrun every rank stops, and rank 0 says why
-            err.shown_by_rank_0 = os.environ.get("RANK", "0") != "0"
-            if err.shown_by_rank_0:
-                time.sleep(1)  # torchrun stops the other workers as soon as one exits: rank 0 first has its say
-            return fail(err)
+        except (CheckpointError, DataError, LaunchError) as err:
+            return stop_with_the_group(args, err) if is_distributed() else fail(err)
         for signum in STOP_SIGNALS:  # while torch loads: one line, not a traceback
             signal.signal(signum, quit_while_starting)
         return run(args, explicit)
@@ -52,44 +50,68 @@ def checkpoint_path(given, checkpoint_dir, name):
 
 def run_folder(args, explicit):
     """(the checkpoint a run resumes or None, the folder it trains in): a resume goes on in its checkpoint's
-    folder unless --checkpoint-dir says otherwise."""
-    if args.resume is None:
-        return None, Path(args.checkpoint_dir)
+    folder unless --checkpoint-dir says otherwise; `--resume auto` from the folder's last.pt if it has one."""
+    if args.resume in (None, "auto"):
+        folder = Path(args.checkpoint_dir)
+        return (folder / RunDir.LAST if args.resume and (folder / RunDir.LAST).is_file() else None), folder
     source = checkpoint_path(args.resume, args.checkpoint_dir, RunDir.LAST)
     return source, Path(args.checkpoint_dir) if "checkpoint_dir" in explicit else source.parent
 
 
 def first_look(args, explicit):
-    """What can be told from the file system alone: a data folder that cannot hold the data, a missing checkpoint,
-    a folder that already holds a run."""
+    """What can be told from the file system alone: a launch that makes no one run, a data folder that cannot
+    hold the data, a missing checkpoint, a folder that already holds a run. Under torchrun the run folder is rank
+    0's alone (it may be on rank 0's node alone): the other ranks look at their data."""
+    check_launch()
     check_data_dir(args.data_dir, not args.no_download)
+    if rank() != 0:
+        return
     if args.evaluate is not None:
         path = checkpoint_path(args.evaluate, args.checkpoint_dir, RunDir.BEST)
         if not path.is_file():
             raise CheckpointError(f"no checkpoint at {path}")
         return
     source, folder = run_folder(args, explicit)
-    RunDir(folder).check_can_hold(source)
+    run_dir = RunDir(folder)
+    run_dir.check_can_hold(run_dir.relaunched_source(source))
+
+
+def stop_with_the_group(args, error):
+    """Under torchrun, a check that failed before torch loaded: said once (by rank 0, or for what a node's ranks
+    all see, by its first), then this rank joins the others to stop with them, so that none waits for it."""
+    fail(error)
+    from device_utils import DeviceError, any_rank, setup_runtime, teardown_runtime
+    try:
+        runtime = setup_runtime(args.device, args.dist_timeout)
+    except DeviceError:  # the others cannot be reached: this rank has said why it stops
+        return 1
+    try:
+        any_rank(True, runtime)
+    finally:
+        teardown_runtime(runtime)
+    return 1
 
 
 def run(args, explicit):
     """torch loaded, the device set up (the data read beside it), then the training or --evaluate; every error of
     the user's making is one line."""
     from dataset_utils import DataReader  # the first of them loads torch
-    from device_utils import DeviceError, leave_together, setup_runtime, teardown_runtime
+    from device_utils import DeviceError, any_rank, leave_together, on_main_rank, setup_runtime, teardown_runtime
     from evaluation import evaluate_checkpoint
     from train_step import NonFiniteLossError
     for signum in STOP_SIGNALS:  # from here to the first step a stop is handled below, as Ctrl-C is
         signal.signal(signum, raise_stopped)
     reader = DataReader(args.data_dir, not args.no_download)
     try:
-        runtime = setup_runtime(args.device)
+        runtime = setup_runtime(args.device, args.dist_timeout)
     except DeviceError as err:
         return fail(err)
     try:
+        if runtime.distributed and any_rank(False, runtime):  # a rank stopped before torch loaded, and said why
+            return 1
         if args.evaluate is not None:
             path = checkpoint_path(args.evaluate, args.checkpoint_dir, RunDir.BEST)
-            checkpoint = load_checkpoint(path)
+            checkpoint = on_main_rank(runtime, lambda: load_checkpoint(path), share=True)
             config = resumed_config(args, explicit, checkpoint, path)
             return evaluate_checkpoint(checkpoint, path, config, runtime=runtime, arrays=reader.arrays())
         code = train(args, explicit, runtime, reader)
@@ -111,18 +133,15 @@ def train(args, explicit, runtime, reader):
     """The run folder claimed (the lock before any read), the settings (a resume's merged with its checkpoint's),
     the data on the device, the run built and fitted, then tested and summed up; returns the exit code."""
     from dataset_utils import load_cifar100
-    from device_utils import DeviceError, on_main_rank
+    from device_utils import DeviceError, describe_lost_peer, on_main_rank
     from evaluation import test_final_and_best
     from train_step import NonFiniteLossError
     from train_utils import build_run, fit
     source, folder = run_folder(args, explicit)
     run_dir = RunDir(folder)
     try:
-        checkpoint = on_main_rank(runtime, lambda: run_dir.claim(source))
-        config, resumed = Config.from_flags(args), None
-        if source is not None:
-            checkpoint = checkpoint if runtime.is_main else load_checkpoint(source)
-            config, resumed = resumed_config(args, explicit, checkpoint, source), (checkpoint, source)
+        resumed = on_main_rank(runtime, lambda: run_dir.claim(source), share=True)  # (checkpoint, its path)
+        config = Config.from_flags(args) if resumed is None else resumed_config(args, explicit, *resumed)
         config = replace(config, checkpoint_dir=str(folder))
         if config.sync_bn and runtime.device.type != "cuda":
             raise DeviceError("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU implementation)")
@@ -132,7 +151,7 @@ def train(args, explicit, runtime, reader):
             on_main_rank(runtime, lambda: run_dir.adopt(*resumed))
             if run.state.epoch >= config.epochs:  # taken in and repaired, and nothing left to train
                 if runtime.is_main:
-                    print(describe_finished(checkpoint, source, explicit), file=sys.stderr)
+                    print(describe_finished(*resumed, explicit), file=sys.stderr)
                 return 0
         if config.tensorboard and runtime.is_main:
             run.tensorboard = open_tensorboard(run_dir.tensorboard)
@@ -147,6 +166,13 @@ def train(args, explicit, runtime, reader):
             kept = (f"the last good checkpoint, {run_dir.last}, left as it was" if run_dir.last.exists()
                     else "no checkpoint written yet")
             raise NonFiniteLossError(f"{err}; stopped with {kept}") from None
+        except Exception as err:
+            lost = describe_lost_peer(err, runtime)
+            if lost is None:
+                raise
+            stopped = DeviceError(f"{lost}; {after_a_lost_peer(run_dir, explicit)}" if runtime.is_main else lost)
+            stopped.shown_by_rank_0 = not runtime.is_main  # said once, where the folder is
+            raise stopped from None
         final_tests = test_final_and_best(run) if run.val_loader is not None and outcome != "interrupted" else None
         if runtime.is_main:
             show(describe_start_up_work(run, epochs_before + 1), run.interrupt)
@@ -162,8 +188,18 @@ def train(args, explicit, runtime, reader):
         run_dir.close()  # every write has finished: another run may use the folder now
 
 
+def after_a_lost_peer(run_dir, explicit):
+    """What a run that lost a peer process keeps, and how it goes on from there."""
+    if not run_dir.last.exists():
+        return "no checkpoint written yet"
+    restart = next_restart()
+    goes_on = (f"torchrun starts the run again from there ({restart})" if restart else
+               f"resume with:\n  {resume_command(run_dir.last, explicit)}")
+    return f"{run_dir.last} holds {describe_position(load_checkpoint(run_dir.last))}; {goes_on}"
+
+
 if __name__ == "__main__":
     code = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if is_distributed():
         exit_worker(code)
     sys.exit(code)

@@ -153,3 +153,127 @@ def test_ctrl_c_on_torchrun_saves_once_says_so_once_and_hints_the_torchrun_comma
     assert f"torchrun --standalone --nproc_per_node=2 train.py --resume {folder / 'last.pt'}" in err
     saved = load_checkpoint(folder / "last.pt")
     assert saved["epoch"] >= 1
+
+
+# ---- restarts, several nodes, lost peers ----
+
+
+def test_a_worker_killed_mid_run_is_one_line_and_torchrun_s_restart_finishes_the_run_exactly(runs, tmp_path):
+    """torchrun --max-restarts: the relaunched group goes on from the folder's last.pt by itself, to the weights of
+    the run that was never interrupted."""
+    import signal
+    import time
+
+    from test_run_dir import worker_pids
+    cifar_dir, _, _, _ = runs
+    settings = ("--epochs", 8, "--batch-size", 64)
+    whole = torchrun(*tiny_run_args(cifar_dir, tmp_path / "whole", *settings))
+    assert whole.returncode == 0, whole.stderr
+    folder = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "--max-restarts=1", str(REPO / "train.py"),
+                                 *map(str, tiny_run_args(cifar_dir, folder, *settings))],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (folder / "last.pt").exists():
+        assert launcher.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    os.kill(worker_pids(launcher.pid)[1], signal.SIGKILL)
+    out, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, err
+    assert out.count("resumed from") == 1
+    (lost,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert lost.startswith("error: another process of the 2 stopped (") and "[127.0.0.1]" in lost and "by peer" in lost
+    assert lost.endswith("; torchrun starts the run again from there (restart 1 of 1)") and "holds epoch" in lost
+    assert "train.py\", line" not in err  # no traceback of ours
+    assert load_checkpoint(folder / "last.pt")["run_id"] == load_checkpoint(folder / "best.pt")["run_id"]
+    assert_same_weights(folder / "last.pt", tmp_path / "whole" / "last.pt")
+
+
+def assert_same_weights(first, second):
+    first, second = load_checkpoint(first)["model"], load_checkpoint(second)["model"]
+    assert first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
+
+
+def two_nodes(port, node_args, rendezvous="static", timeout=300):
+    """Two torchrun launchers on this host standing for two nodes of one process each: `node_args` holds each
+    node's train.py arguments. Returns both finished processes, node 0's first."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    meeting = (["--master-addr=127.0.0.1", f"--master-port={port}"] if rendezvous == "static" else
+               ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes"])
+    launchers = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                                   *meeting, *([f"--node-rank={node}"] if rendezvous == "static" else []),
+                                   str(REPO / "train.py"), *map(str, args)],
+                                  cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for node, args in enumerate(node_args)]
+    results = [(launcher, *launcher.communicate(timeout=timeout)) for launcher in launchers]
+    return [subprocess.CompletedProcess(launcher.args, launcher.returncode, out, err) for launcher, out, err in results]
+
+
+def free_port():
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_nodes_without_a_shared_disk_resume_from_rank_0_s_folder_alone(runs, tmp_path):
+    cifar_dir, _, _, _ = runs
+    folders = [tmp_path / "node0", tmp_path / "node1"]
+    first = two_nodes(free_port(), [tiny_run_args(cifar_dir, folder, "--epochs", 1, "--batch-size", 32)
+                                    for folder in folders])
+    assert [result.returncode for result in first] == [0, 0], first[0].stderr + first[1].stderr
+    assert (folders[0] / "last.pt").exists() and not folders[1].exists()  # rank 0 alone writes
+    resumed = two_nodes(free_port(), [tiny_run_args(cifar_dir, folder, "--epochs", 2, "--batch-size", 32, "--resume")
+                                      for folder in folders])
+    assert [result.returncode for result in resumed] == [0, 0], resumed[0].stderr + resumed[1].stderr
+    assert load_checkpoint(folders[0] / "last.pt")["epoch"] == 2 and not folders[1].exists()
+    assert "error" not in resumed[1].stderr.lower()
+
+
+def test_a_node_without_the_data_says_so_once_and_no_node_waits(runs, tmp_path):
+    cifar_dir, _, _, _ = runs
+    folders = [tmp_path / "node0", tmp_path / "node1"]
+    results = two_nodes(free_port(), [tiny_run_args(cifar_dir, folders[0], "--epochs", 1),
+                                      tiny_run_args(tmp_path / "no-data", folders[1], "--epochs", 1)], timeout=120)
+    assert [result.returncode for result in results] == [1, 1]
+    errors = [line for result in results for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: rank 1: CIFAR-100 not found") and \
+        str(tmp_path / "no-data") in errors[0]
+    assert not folders[0].exists() and not folders[1].exists()
+
+
+def test_with_a_c10d_rendezvous_the_run_lands_in_rank_0_s_folder_alone(runs, tmp_path):
+    cifar_dir, _, _, _ = runs
+    folders = [tmp_path / "node0", tmp_path / "node1"]
+    results = two_nodes(free_port(), [tiny_run_args(cifar_dir, folder, "--epochs", 1, "--batch-size", 32)
+                                      for folder in folders], rendezvous="c10d")
+    assert [result.returncode for result in results] == [0, 0], results[0].stderr + results[1].stderr
+    assert sorted(folder.exists() for folder in folders) == [False, True]
+    (held,) = [folder for folder in folders if folder.exists()]
+    assert load_checkpoint(held / "last.pt")["epoch"] == 1
+
+
+def test_a_process_that_never_joins_is_one_line_after_the_dist_timeout(runs, tmp_path):
+    cifar_dir, _, _, _ = runs
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    result = subprocess.run([sys.executable, str(REPO / "train.py"),
+                             *map(str, tiny_run_args(cifar_dir, tmp_path / "ckpt", "--dist-timeout", 2))],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: the 2 processes did not meet within --dist-timeout 2 s (")
+    assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("flags, said", [
+    (("--batch-size", 33), "error: batch size 33 does not split evenly over 2 processes"),
+    (("--sync-bn",), "train.py: error: --sync-bn needs several processes on CUDA GPUs (torchrun)"),
+], ids=["a setting every rank refuses", "a flag error"])
+def test_an_error_that_every_rank_meets_is_printed_once(runs, tmp_path, flags, said):
+    cifar_dir, _, _, _ = runs
+    result = torchrun(*tiny_run_args(cifar_dir, tmp_path / "ckpt", "--epochs", 1, "--device", "cpu", *flags))
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if "error:" in line and "elastic" not in line]
+    assert len(ours) == 1 and ours[0].startswith(said), result.stderr
