@@ -106,6 +106,8 @@ class Config:
     no_cuda_graphs: bool = this_command()
     test_batch_size: int = this_command()
     plot: bool = this_command()
+    report: bool = this_command()
+    report_dir: str | None = this_command()
 
     @classmethod
     def from_flags(cls, flags):
@@ -296,6 +298,11 @@ def build_parser(raising=False):
                      help="write checkpoints every K epochs and the last, a new best, an early stop and an "
                           "interrupt (a kill loses up to K - 1 epochs)")
     run.add_argument("--plot", action="store_true", help="draw metrics.png at the end (needs matplotlib)")
+    run.add_argument("--report", action="store_true",
+                     help="at the end, the class report of best.pt on the test set, as --evaluate writes it")
+    run.add_argument("--report-dir", type=non_empty, default=None, metavar="DIR",
+                     help="where --evaluate and --report write per_class.csv, evaluation.json and confusion.png "
+                          "(default: beside the checkpoint)")
     run.add_argument("--tensorboard", action="store_true", help="log to <checkpoint-dir>/tensorboard if installed")
     return parser
 
@@ -313,6 +320,8 @@ def parse_args(argv=None):
     explicit = vars(explicit_parser.parse_args(argv))
     if args.resume is not None and args.evaluate is not None:
         parser.error("--resume and --evaluate exclude each other")
+    if args.report_dir is not None and not (args.report or args.evaluate is not None):
+        parser.error("--report-dir needs --report or --evaluate")
     if args.sync_bn and (int(os.environ.get("WORLD_SIZE", "1")) < 2 or args.device in ("cpu", "mps")):
         parser.error("--sync-bn needs several processes on CUDA GPUs (torchrun)")
     check_combination(args, parser)

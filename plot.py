@@ -76,6 +76,54 @@ def draw(rows):
     return figure
 
 
+def draw_confusion(report, target):
+    """A class report's picture into `target` (a path or a binary file), 1,600 x 700 pixels: the confusion matrix
+    with its classes ordered by superclass, so that the superclasses show as blocks along the diagonal (each row a
+    true class's images, as fractions), and the reliability diagram beside it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, (matrix_axes, reliability_axes) = plt.subplots(1, 2, figsize=(16, 7), width_ratios=(1.15, 1))
+    classes = len(report.per_class)
+    superclasses = report.superclasses
+    order = sorted(range(classes), key=lambda index: (superclasses.of_class[index] if superclasses else 0, index))
+    counts = report.confusion[order][:, order].float()
+    shares = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    shown = matrix_axes.imshow(shares.numpy() ** 0.5, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    colour_bar = figure.colorbar(shown, ax=matrix_axes, fraction=0.046, pad=0.02)
+    colour_bar.set_ticks([0, 0.1 ** 0.5, 0.5 ** 0.5, 1], labels=["0", "0.1", "0.5", "1"])
+    colour_bar.set_label("share of the true class's images (square-root scale)")
+    matrix_axes.set(xlabel="predicted class", ylabel="true class",
+                    title=f"confusion, {classes} classes" + (" ordered by superclass" if superclasses else ""))
+    if superclasses is not None:
+        ordered = [superclasses.of_class[index] for index in order]
+        starts = [position for position in range(classes) if position == 0 or ordered[position] != ordered[position - 1]]
+        for start in starts[1:]:
+            for line in (matrix_axes.axhline, matrix_axes.axvline):
+                line(start - 0.5, color="white", linewidth=0.6)
+        centres = [(start + end - 1) / 2 for start, end in zip(starts, [*starts[1:], classes])]
+        names = [superclasses.names[ordered[start]].replace("_", " ") if ordered[start] >= 0 else "not in the test set"
+                 for start in starts]
+        matrix_axes.set_yticks(centres, names, fontsize=7)
+        matrix_axes.set_xticks(centres, names, fontsize=7, rotation=90)
+    bins = report.reliability
+    width = bins[0]["high"] - bins[0]["low"]
+    lows = [row["low"] for row in bins]
+    reliability_axes.bar(lows, [row["accuracy"] for row in bins], width=width, align="edge", edgecolor="black",
+                         label="accuracy of the bin's images")
+    reliability_axes.bar(lows, [row["confidence"] - row["accuracy"] for row in bins], bottom=[row["accuracy"] for row
+                         in bins], width=width, align="edge", color="tab:red", alpha=0.35, label="gap to confidence")
+    reliability_axes.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect calibration")
+    reliability_axes.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top softmax probability)", ylabel="accuracy",
+                         title=f"reliability: ECE {100 * report.ece:.2f}% over {len(bins)} bins")
+    reliability_axes.legend(loc="upper left")
+    figure.tight_layout()
+    try:
+        figure.savefig(target, dpi=100, format="png")
+    finally:
+        plt.close(figure)
+
+
 def plot_metrics(metrics_path, png_path=None):
     """Draw a metrics.csv's curves to a PNG (default: beside it); returns the PNG's path."""
     missing = matplotlib_missing()

@@ -97,6 +97,7 @@ def run(args, explicit):
     the user's making is one line."""
     from dataset_utils import DataReader  # the first of them loads torch
     from device_utils import DeviceError, any_rank, leave_together, on_main_rank, setup_runtime, teardown_runtime
+    from class_report import report_checkpoint
     from evaluation import evaluate_checkpoint
     from train_step import NonFiniteLossError
     for signum in STOP_SIGNALS:  # from here to the first step a stop is handled below, as Ctrl-C is
@@ -113,7 +114,10 @@ def run(args, explicit):
             path = checkpoint_path(args.evaluate, args.checkpoint_dir, RunDir.BEST)
             checkpoint = on_main_rank(runtime, lambda: load_checkpoint(path), share=True)
             config = resumed_config(args, explicit, checkpoint, path)
-            return evaluate_checkpoint(checkpoint, path, config, runtime=runtime, arrays=reader.arrays())
+            code = evaluate_checkpoint(checkpoint, path, config, runtime=runtime, arrays=reader.arrays())
+            if runtime.is_main:
+                show(report_checkpoint(checkpoint, path, config, reader.arrays(), runtime.device))
+            return code
         code = train(args, explicit, runtime, reader)
         if runtime.distributed:  # finished, or an interrupt every rank agreed on: rank 0 has saved and said so
             leave_together(runtime)
@@ -134,6 +138,7 @@ def train(args, explicit, runtime, reader):
     the data on the device, the run built and fitted, then tested and summed up; returns the exit code."""
     from dataset_utils import load_cifar100
     from device_utils import DeviceError, describe_lost_peer, on_main_rank
+    from class_report import report_checkpoint
     from evaluation import test_final_and_best
     from train_step import NonFiniteLossError
     from train_utils import build_run, fit
@@ -183,6 +188,9 @@ def train(args, explicit, runtime, reader):
                       f"with:\n  {resume_command(run_dir.last, explicit)}", file=sys.stderr)
             if plot and run.state.history:
                 draw_plot(run_dir)
+            if config.report and outcome != "interrupted" and run_dir.best.exists():
+                show(report_checkpoint(load_checkpoint(run_dir.best), run_dir.best, config, reader.arrays(),
+                                       runtime.device), run.interrupt)
         return 128 + run.interrupt.signum if outcome == "interrupted" else 0
     finally:
         run_dir.close()  # every write has finished: another run may use the folder now
