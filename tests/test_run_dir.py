@@ -218,7 +218,8 @@ def test_a_kill_while_a_resume_adopts_its_checkpoint_into_a_new_folder_leaves_it
     assert train_main(["--evaluate", "--checkpoint-dir", str(killed), "--data-dir", str(cifar_dir),
                        "--no-download"]) == 0
     assert train_main(tiny_run_args(cifar_dir, killed, "--resume", original / "last.pt", "--epochs", 2)) == 0
-    assert sorted(contents(killed)) == ["best.pt", "config.json", "last.pt", "metrics.csv"]
+    report = ["confusion.png", "evaluation.json", "per_class.csv"]  # --evaluate's, written beside best.pt
+    assert sorted(contents(killed)) == sorted(["best.pt", "config.json", "last.pt", "metrics.csv", *report])
 
 
 def test_resuming_an_early_stopped_run_is_a_no_op_unless_the_target_moves(tmp_path, train_main, capsys):
