@@ -2,13 +2,17 @@
 --help and a wrong flag answer at once."""
 import argparse
 import enum
+import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
 from cli import (FLOAT32_MAX, FRACTION, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, FlagError,
                  Parser, bounded, non_empty)
 from checkpoint_file import CheckpointError
+from launch import rank, world_size
 
 
 @dataclass(frozen=True)
@@ -266,6 +270,10 @@ def build_parser(raising=False):
     optim.add_argument("--seed", type=bounded(int, low=0, high=2**32 - 1), default=0,
                        help="seeds the weights, the data order and the augmentation")
     run = parser.add_argument_group("run")
+    run.add_argument("--config", metavar="FILE", default=None,
+                     help="start a new run with the settings of FILE, a JSON object by the flags' names such as a "
+                          "run's config.json, over its --preset; flags given still win. How that run was launched "
+                          "(its folder, data, device, processes) is this command's own")
     run.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                      help="continue from PATH (default <checkpoint-dir>/last.pt); auto: continue the folder's run "
                           "if it holds one, else start it (for a job that a scheduler repeats)")
@@ -308,16 +316,19 @@ def build_parser(raising=False):
 
 
 def parse_args(argv=None):
-    """Parse flags, apply a preset under them, and return (args, the flags given explicitly)."""
+    """Parse flags over the settings beneath them (a --config file, a preset), and return (args, the flags given
+    explicitly); `args.sources` says where each setting came from."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.preset:
-        parser.set_defaults(**PRESETS[args.preset])
-        args = parser.parse_args(argv)
     explicit_parser = build_parser()  # the same flags with no defaults: what the user typed
     for action in explicit_parser._actions:
         action.default = argparse.SUPPRESS
     explicit = vars(explicit_parser.parse_args(argv))
+    layers = settings_beneath(args, explicit, parser)
+    for _, settings in layers:
+        parser.set_defaults(**settings)
+    args = parser.parse_args(argv)
+    args.sources = setting_sources(explicit, layers)
     if args.resume is not None and args.evaluate is not None:
         parser.error("--resume and --evaluate exclude each other")
     if args.report_dir is not None and not (args.report or args.evaluate is not None):
@@ -332,6 +343,72 @@ def parse_args(argv=None):
     if args.cutmix_prob is None:
         args.cutmix_prob = 0.5 if args.mixup and args.cutmix else 1.0
     return args, explicit
+
+
+def settings_beneath(args, explicit, parser):
+    """The layers of settings under the flags given, lowest first, each (where it comes from, its settings): a
+    --config file over the preset it names, then the preset given on the command line."""
+    layers = []
+    if args.config is not None:
+        if args.evaluate is not None or args.resume not in (None, "auto"):
+            parser.error("--config starts a new run: it excludes --resume PATH and --evaluate")
+        try:
+            file, settings, trained_by = read_config_file(args.config)
+        except FlagError as err:
+            parser.error(str(err))
+        if trained_by not in (None, world_size()) and rank() == 0:
+            print(f"note: {file} was trained by {trained_by} processes and this run has {world_size()}: the same "
+                  f"recipe, but not the same numbers, bit for bit", file=sys.stderr)
+        if settings.get("preset"):
+            layers.append((f"--preset {settings['preset']}", PRESETS[settings["preset"]]))
+        layers.append((str(file), settings))
+    if "preset" in explicit:
+        layers.append((f"--preset {args.preset}", PRESETS[args.preset]))
+    return layers
+
+
+GIVEN = "given"  # the source of a setting typed on the command line
+
+
+def setting_sources(explicit, layers):
+    """Where each setting came from: GIVEN for a flag typed, else the last of `layers` that holds it (one in
+    none is its flag's default)."""
+    sources = {}
+    for source, settings in layers:
+        sources.update(dict.fromkeys(settings, source))
+    sources.update(dict.fromkeys(explicit, GIVEN))
+    return sources
+
+
+def read_config_file(path):
+    """(the file, its recipe, the processes that trained it if it says): a JSON object of settings by the flags' names (a run's config.json, or one written
+    by hand; a run folder stands for its config.json), each checked by its flag. How that run was launched (its
+    folder, data, device, processes) is left to this command."""
+    file = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
+    try:
+        settings = json.loads(file.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise FlagError(f"--config {file}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise FlagError(f"--config {file} is not JSON (not UTF-8 text)") from None
+    except json.JSONDecodeError as err:
+        raise FlagError(f"--config {file} is not JSON ({err})") from None
+    if not isinstance(settings, dict):
+        raise FlagError(f"--config {file} holds a JSON {type(settings).__name__}, not an object of settings")
+    rules = {setting.name: OnResume.of(setting) for setting in fields(Config)}
+    trained_by = settings.pop("world_size", None)  # what a run's config.json records beside its settings
+    if trained_by is not None and (type(trained_by) is not int or trained_by < 1):
+        raise FlagError(f"--config {file}: world_size is {trained_by!r}, not a number of processes")
+    unknown = sorted(set(settings) - set(rules))
+    if unknown:
+        raise FlagError(f"--config {file}: train.py has no setting {', '.join(map(repr, unknown))}")
+    recipe = {name: value for name, value in settings.items()
+              if name in rules and rules[name] is not OnResume.THIS_COMMAND}
+    try:
+        check_settings(recipe)
+    except FlagError as err:
+        raise FlagError(f"--config {file}: {err}") from None
+    return file, recipe, trained_by
 
 
 def as_flags(settings):
@@ -357,25 +434,35 @@ def check_combination(args, parser):
         parser.error(f"--lr {args.lr} times --bn-bias-lr-scale {args.bn_bias_lr_scale} is beyond float32")
 
 
+def check_settings(settings):
+    """Settings (name: value) through their flags' own checks: each must be what its flag parses back to (a
+    range, a type or a missing value is refused as the flag would refuse it, naming the setting), and the checks
+    between settings must hold. Raises FlagError."""
+    parser = build_parser(raising=True)
+    switches = {action.dest for action in parser._actions if action.nargs == 0}
+    for name, value in settings.items():
+        flag = "--" + name.replace("_", "-")
+        if name in switches and not isinstance(value, bool):
+            raise FlagError(f"{name} is {value!r}, but {flag} is a switch: true or false")
+        try:
+            parsed = getattr(parser.parse_args(as_flags({name: value})), name)
+        except FlagError as err:
+            raise FlagError(f"{name} is {value!r}, which {flag} refuses ({err})") from None
+        if parsed != value or isinstance(value, bool) != isinstance(parsed, bool):
+            raise FlagError(f"{name} is {value!r}, which {flag} cannot give")
+    check_combination(parser.parse_args(as_flags(settings)), parser)
+
+
 def check_saved_settings(saved, path):
-    """A checkpoint's recipe goes through its flags' own checks, once: each setting must be what its flag parses
-    back to (a range, a type or a missing value is refused as the flag would refuse it), and the checks between
-    settings must hold."""
+    """A checkpoint's recipe goes through its flags' own checks, once."""
     rules = {setting.name: OnResume.of(setting) for setting in fields(Config)}
     unknown = sorted(set(saved) - set(rules))
     if unknown:
         raise CheckpointError(f"{path} is damaged: its settings hold {', '.join(unknown)}, which train.py has not")
-    recipe = {name: value for name, value in saved.items() if rules[name] is not OnResume.THIS_COMMAND}
-    parser = build_parser(raising=True)
     try:
-        parsed = parser.parse_args(as_flags(recipe))
-        check_combination(parsed, parser)
+        check_settings({name: value for name, value in saved.items() if rules[name] is not OnResume.THIS_COMMAND})
     except FlagError as err:
-        raise CheckpointError(f"{path} is damaged: its settings fail their flags' checks ({err})") from None
-    for name, value in recipe.items():
-        if getattr(parsed, name) != value:
-            raise CheckpointError(f"{path} is damaged: its setting {name} is {value!r}, which --"
-                                  f"{name.replace('_', '-')} cannot give")
+        raise CheckpointError(f"{path} is damaged: {err}") from None
 
 
 def resumed_config(args, explicit, checkpoint, path):

@@ -9,7 +9,7 @@ from dataclasses import fields
 
 from tqdm import tqdm
 
-from config import Config, OnResume, as_flags, describe_model_config, is_due, parse_args
+from config import GIVEN, Config, OnResume, as_flags, describe_model_config, is_due, parse_args
 from launch import is_first_on_its_node, launcher_words, rank
 
 
@@ -123,7 +123,7 @@ def describe_error(err):
     return f"{type(err).__name__}: {err}".strip().splitlines()[0][:160]
 
 
-def describe_run(run, resumed):
+def describe_run(run, resumed, sources):
     config = run.config
     parameters = sum(p.numel() for p in run.model.parameters())
     subset = " (a class-balanced subset, --train-images)" if config.train_images else ""
@@ -135,20 +135,26 @@ def describe_run(run, resumed):
              f"checkpoints in {run.run_dir.path}/",
              f"training on {len(run.train_loader.images):,} images{subset}; best.pt and early stopping judged on the "
              f"{run.selection_split} set",
-             describe_recipe(config)]
+             describe_recipe(config, sources)]
     if resumed is not None:
         lines.append(f"resumed from {resumed[1]} at epoch {run.state.epoch + 1}, step {run.state.step}"
                      + describe_early_stop(run, resumed[0]))
     return "\n".join(lines)
 
 
-def describe_recipe(config):
-    """The recipe's settings that differ from the defaults, as the flags that give them."""
+def describe_recipe(config, sources):
+    """The recipe's settings that differ from the defaults, as the flags that give them, grouped by where they
+    came from (`sources`, from config.setting_sources), the flags given last."""
     defaults = Config.from_flags(parse_args([])[0])
-    changed = {setting.name: getattr(config, setting.name) for setting in fields(Config)
-               if OnResume.of(setting) is not OnResume.THIS_COMMAND
-               and getattr(config, setting.name) != getattr(defaults, setting.name)}
-    return "recipe: " + (shlex.join(as_flags(changed)) if changed else "the defaults")
+    groups = {}
+    for setting in fields(Config):
+        name, value = setting.name, getattr(config, setting.name)
+        if OnResume.of(setting) is not OnResume.THIS_COMMAND and value != getattr(defaults, name):
+            groups.setdefault(sources.get(name, "implied"), {})[name] = value  # implied: --cutmix-prob's own rule
+    if GIVEN in groups:
+        groups[GIVEN] = groups.pop(GIVEN)
+    return "recipe: " + ("; ".join(f"{shlex.join(as_flags(settings))} ({source})" for source, settings in
+                                   groups.items()) or "the defaults")
 
 
 def describe_early_stop(run, checkpoint):

@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from cli import STOP_SIGNALS, STOPPED_STARTING, Stopped, exit_worker, quit_while_starting, raise_stopped
-from config import Config, parse_args, resumed_config
+from config import Config, parse_args, resumed_config, setting_sources
 from checkpoint_file import CheckpointError, describe_position, load_checkpoint
 from data_files import DataError, check_data_dir
 from launch import LaunchError, check_launch, is_distributed, next_restart, rank
@@ -147,6 +147,7 @@ def train(args, explicit, runtime, reader):
     try:
         resumed = on_main_rank(runtime, lambda: run_dir.claim(source), share=True)  # (checkpoint, its path)
         config = Config.from_flags(args) if resumed is None else resumed_config(args, explicit, *resumed)
+        sources = args.sources if resumed is None else setting_sources(explicit, [(resumed[1], resumed[0]["args"])])
         config = replace(config, checkpoint_dir=str(folder))
         if config.sync_bn and runtime.device.type != "cuda":
             raise DeviceError("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU implementation)")
@@ -161,7 +162,7 @@ def train(args, explicit, runtime, reader):
         if config.tensorboard and runtime.is_main:
             run.tensorboard = open_tensorboard(run_dir.tensorboard)
         if runtime.is_main:
-            show(describe_run(run, resumed), run.interrupt)
+            show(describe_run(run, resumed, sources), run.interrupt)
         plot = config.plot and runtime.is_main and plot_is_possible()
         run.interrupt.install()
         epochs_before, started = run.state.epoch, time.perf_counter()

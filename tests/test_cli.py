@@ -126,7 +126,7 @@ def test_end_to_end_run_writes_checkpoints_and_metrics(cifar_dir, tmp_path):
     assert "done after 1 epoch," in result.stdout
     assert "start-up work in epoch 1 (the first step) not counted" in result.stdout  # no cudnn, no graph on a CPU
     assert re.search(r"; first step done at Unix time \d+\.\d{3}; training step: eager$", result.stdout, re.M)
-    assert "recipe: --batch-size 16 --epochs 1" in result.stdout
+    assert "recipe: --batch-size 16 --epochs 1 (given)\n" in result.stdout
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert config["batch_size"] == 16 and config["model"] == "resnet18"
     assert config.pop("world_size") == 1  # the processes that trained it
@@ -388,8 +388,8 @@ def test_the_cpu_preset_trains_a_small_wideresnet_and_flags_still_win(train_main
                        "--no-download", "--checkpoint-dir", str(tmp_path / "ckpt")]) == 0
     out = capsys.readouterr().out
     assert "wideresnet (100 classes, depth=10, dropout=0.0, widen_factor=1): 0.1M parameters" in out
-    assert ("recipe: --model wideresnet --depth 10 --widen-factor 1 --preset cpu --batch-size 16 --lr 0.2 --nesterov "
-            "--label-smoothing 0.1 --flip alternate --epochs 1") in out  # the preset's, with the two given
+    assert ("recipe: --model wideresnet --depth 10 --widen-factor 1 --lr 0.2 --nesterov --label-smoothing 0.1 --flip "
+            "alternate (--preset cpu); --preset cpu --batch-size 16 --epochs 1 (given)") in out
     settings = load_checkpoint(tmp_path / "ckpt" / "last.pt")["args"]
     assert (settings["lr"], settings["nesterov"], settings["label_smoothing"], settings["flip"]) == (
         0.2, True, 0.1, "alternate")
@@ -474,7 +474,7 @@ def test_every_flag_is_a_setting_with_one_resume_rule():
     from dataclasses import fields
 
     from config import Config, OnResume, build_parser
-    flags = {action.dest for action in build_parser()._actions} - {"help", "resume", "evaluate"}
+    flags = {action.dest for action in build_parser()._actions} - {"help", "config", "resume", "evaluate"}
     assert flags == {setting.name for setting in fields(Config)}
     assert {OnResume.of(setting) for setting in fields(Config)} == set(OnResume)
 
