@@ -351,7 +351,7 @@ def settings_beneath(args, explicit, parser):
     layers = []
     if args.config is not None:
         if args.evaluate is not None or args.resume not in (None, "auto"):
-            parser.error("--config starts a new run: it excludes --resume PATH and --evaluate")
+            parser.error("--config starts a new run: it excludes --resume (all but --resume auto) and --evaluate")
         try:
             file, settings, trained_by = read_config_file(args.config)
         except FlagError as err:

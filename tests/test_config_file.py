@@ -88,13 +88,24 @@ def test_a_bad_config_file_is_one_line_naming_the_key_and_exit_2(train_main, tmp
     assert not (tmp_path / "run").exists()
 
 
+def test_a_folder_without_config_json_is_one_line_naming_the_file_it_lacks(train_main, tmp_path, capsys):
+    folder = tmp_path / "not_a_run"
+    folder.mkdir()
+    with pytest.raises(SystemExit) as exited:
+        train_main(["--config", str(folder), "--checkpoint-dir", str(tmp_path / "run")])
+    assert exited.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"--config {folder / 'config.json'}: No such file" in lines[0], lines
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("other", [["--resume"], ["--resume", "somewhere/last.pt"], ["--evaluate"]])
 def test_config_starts_a_new_run_and_so_excludes_resume_and_evaluate(train_main, tmp_path, capsys, other):
     file = write_json(tmp_path / "recipe.json", {"lr": 0.3})
     with pytest.raises(SystemExit) as exited:
         train_main(["--config", str(file), *other])
     assert exited.value.code == 2
-    assert "--config starts a new run: it excludes --resume PATH and --evaluate" in capsys.readouterr().err
+    assert "--config starts a new run: it excludes --resume (all but --resume auto) and --evaluate" in capsys.readouterr().err
 
 
 def test_a_resumed_run_says_its_recipe_is_its_checkpoints_and_the_flags_given_now(train_main, cifar_dir, tmp_path,
