@@ -43,8 +43,8 @@ def parse_args(argv=None):
                         help="comma-separated: resnet18, wideresnet (WRN-28-10)")
     parser.add_argument("--batch-sizes", type=comma_separated(POSITIVE_INT), default="128,512",
                         help="comma-separated")
-    parser.add_argument("--precisions", type=comma_separated(one_of("auto", "bf16", "fp32")), default="auto",
-                        help="comma-separated: auto, bf16, fp32")
+    parser.add_argument("--precisions", type=comma_separated(one_of("auto", "bf16", "fp16", "fp32")), default="auto",
+                        help="comma-separated: auto, bf16, fp16, fp32")
     parser.add_argument("--train-images", type=POSITIVE_INT, default=50_000, help="images in a timed epoch")
     parser.add_argument("--test-images", type=POSITIVE_INT, default=10_000, help="images in a timed test pass")
     parser.add_argument("--test-batch-size", type=POSITIVE_INT, default=1000, help="evaluation batch")

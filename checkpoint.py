@@ -46,6 +46,9 @@ def check_state_is_finite(run):
     if not torch.stack([tensor.isfinite().all() for tensor in floats]).all():
         epoch = run.state.epoch + (1 if run.state.step else 0)
         raise NonFiniteLossError(f"the weights or BatchNorm statistics became NaN or infinite in epoch {epoch}")
+    if run.loss_scale is not None and not (run.loss_scale.scale.isfinite() and run.loss_scale.scale > 0):
+        raise NonFiniteLossError(f"the fp16 loss scale became {float(run.loss_scale.scale):g}: the gradients "
+                                 f"overflowed step after step ({run.loss_scale.describe()})")
 
 
 def save_checkpoint(run, is_best):
@@ -64,6 +67,7 @@ def checkpoint_of(run, rng_states):
         "format": CHECKPOINT_FORMAT, "model_config": run.config.model_config,
         "model": unwrap_model(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
         "ema": run.average.model.state_dict() if run.average is not None else None,
+        "loss_scale": run.loss_scale.state_dict() if run.loss_scale is not None else None,
         "scheduler": {"last_epoch": state.epoch * run.train_loader.steps_per_epoch + state.step},
         "epoch": state.epoch, "step": state.step,
         "epoch_totals": state.epoch_totals, "best_top1": state.best_top1,
@@ -132,6 +136,9 @@ def restore(checkpoint, path, parts, steps_per_epoch):
             load_weights(parts.average.model, checkpoint["ema"])
     with damage_reported(path, "optimizer state"):
         load_optimizer_state(parts.optimizer, checkpoint["optimizer"])
+    if parts.loss_scale is not None and checkpoint.get("loss_scale") is not None:  # else trained in another precision
+        with damage_reported(path, "fp16 loss scale"):
+            parts.loss_scale.load_state_dict(checkpoint["loss_scale"])
     with damage_reported(path, "schedule"):
         position = schedule_position(checkpoint["scheduler"])
         if position != checkpoint["epoch"] * steps_per_epoch + checkpoint["step"]:

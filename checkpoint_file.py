@@ -19,7 +19,8 @@ CHECKPOINT_TYPES = {"format": str, "model_config": dict, "model": dict, "optimiz
 OPTIONAL_TYPES = {"ema": dict, "epoch_totals": dict, "val_split": str,  # None (or absent) when unused
                   "run_id": str,  # absent from checkpoints written before runs had ids
                   "train_data": dict,  # absent from those written before the training data was recorded
-                  "launch": dict}  # torchrun's and SLURM's identity of the launch that wrote it (launch.py)
+                  "launch": dict,  # torchrun's and SLURM's identity of the launch that wrote it (launch.py)
+                  "loss_scale": dict}  # fp16's loss scale (train_step.LossScale)
 METRICS_COLUMNS = ("epoch", "epoch_seconds", "train_seconds", "images", "train_loss", "train_top1", "val_loss",
                    "val_top1", "val_top5", "test_loss", "test_top1", "test_top5", "raw_top1", "lr", "images_per_sec",
                    "best")

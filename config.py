@@ -289,8 +289,9 @@ def build_parser(raising=False):
     run.add_argument("--dist-timeout", type=bounded(int, low=1, high=7 * 24 * 3600), default=600, metavar="SECONDS",
                      help="under torchrun, how long a process waits for the others, to meet or in a collective, "
                           "before the run stops")
-    run.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                     help="auto: bf16 autocast on CUDA, fp32 elsewhere")
+    run.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                     help="auto: bf16 autocast on CUDA GPUs that compute it natively (compute capability 8.0 and "
+                          "newer), fp16 with loss scaling on older ones, fp32 on the CPU and MPS")
     run.add_argument("--compile", action="store_true", help="torch.compile the model (inductor kernels)")
     run.add_argument("--no-cuda-graphs", action="store_true",
                      help="run the training step eagerly on CUDA instead of replaying it as a CUDA graph")

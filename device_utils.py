@@ -43,23 +43,47 @@ def get_device(preference=None):
     return device
 
 
+NATIVE_BF16 = (8, 0)  # the compute capability from which NVIDIA GPUs compute bf16 on their tensor cores (Ampere)
+
+PRECISIONS = {"bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling", "fp32": "fp32"}
+
+
 def resolve_precision(device, precision="auto"):
-    """bf16 autocast on CUDA by default; fp32 elsewhere, where bf16 is slow or unsupported."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
+    return precision_choice(device, precision)[0]
+
+
+def precision_choice(device, precision="auto"):
+    """(the precision, why auto chose it on a GPU, else None). Auto is bf16 on a CUDA GPU that computes it natively,
+    fp16 with loss scaling on an older one (the T4, V100 and RTX 20xx, where bf16 is emulated and fp16 has the tensor
+    cores), and fp32 on the CPU and on MPS (whose bf16 needs macOS 14, and whose autocast covers fewer ops). A
+    precision asked for is kept."""
+    if precision != "auto":
+        return precision, None
+    if device.type != "cuda":
+        return "fp32", None
+    name = torch.cuda.get_device_name(device)
+    if torch.cuda.get_device_capability(device) >= NATIVE_BF16:
+        return "bf16", f"{name} computes bf16 natively"
+    return "fp16", f"{name} has no native bf16"
+
+
+def describe_precision(device, precision="auto"):
+    """The precision as a run's header names it, with the reason where auto chose it by the GPU."""
+    chosen, reason = precision_choice(device, precision)
+    return PRECISIONS[chosen] + (f" ({reason})" if reason else "")
 
 
 def autocast(device, precision, cache=True):
-    """bf16 autocast or nothing; `cache=False` is required while a CUDA graph is being captured."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
+    """bf16 or fp16 autocast, or nothing; `cache=False` is required while a CUDA graph is being captured."""
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
     return contextlib.nullcontext()
 
 
 def input_dtype(precision):
-    """The dtype prepared images are kept in: bf16 when the model computes in bf16 anyway (half the memory)."""
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+    """The dtype prepared images are kept in: the half-precision type the model computes in (half the memory)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
 def synchronize(device):

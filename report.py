@@ -128,7 +128,8 @@ def describe_run(run, resumed, sources):
     parameters = sum(p.numel() for p in run.model.parameters())
     subset = " (a class-balanced subset, --train-images)" if config.train_images else ""
     lines = [f"{describe_model_config(config.model_config)}: {parameters / 1e6:.1f}M parameters on "
-             f"{run.runtime.device} x{run.runtime.world_size}, {run.precision}, channels_last, {run.train_step.planned} step"
+             f"{run.runtime.device} x{run.runtime.world_size}, {run.precision_words}, channels_last, "
+             f"{run.train_step.planned} step"
              f"{', compiled' if config.compile else ''}",
              f"batch {config.batch_size} (global), {run.train_loader.steps_per_epoch} steps/epoch, "
              f"{plural(config.epochs, 'epoch')}, OneCycle peak lr {config.lr}, momentum {config.momentum}, "
@@ -211,6 +212,8 @@ def describe_outcome(run, outcome, seconds, epochs_before, final_tests=None):
                f"({sum(row['epoch_seconds'] for row in history):.1f}s of epochs in all); final {split} top-1 "
                f"{100 * final_top1:.2f}%, best {split} top-1 {100 * state.best_top1:.2f}%; "
                f"{images_per_sec:,.0f} img/s overall")
+    if run.loss_scale is not None:
+        summary += f"; {run.loss_scale.describe()}"
     if final_tests is not None:
         final, best = final_tests
         summary += (f"\ntest top-1 {100 * final.top1:.2f}% (top-5 {100 * final.top5:.2f}%) for the final model, "

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from device_utils import GRAPHED_SGD_TORCH, autocast, fused_sgd_available
-from report import describe_error
+from report import describe_error, plural
 
 
 class NonFiniteLossError(RuntimeError):
@@ -102,6 +102,84 @@ class SharpnessAware:
                 module.track_running_stats = True
 
 
+class LossScale:
+    """fp16's dynamic loss scaling, as torch.amp.GradScaler does it, on the device alone so that a CUDA graph can
+    capture it: the loss is multiplied by `scale` before backward, the gradients divided by it after (and checked);
+    a step whose gradients are not finite is skipped and the scale halved, and after `growth_interval` finite steps
+    in a row it doubles. Nothing is read on the host, except by an optimizer that cannot skip a step itself."""
+
+    GROWTH, BACKOFF = 2.0, 0.5
+
+    def __init__(self, device, scale=2.0 ** 16, growth_interval=2000):
+        self.growth_interval = growth_interval
+        self.scale = torch.full((), scale, device=device)
+        self.growth_tracker = torch.zeros((), dtype=torch.int32, device=device)  # finite steps in a row
+        self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
+        self.found_inf = torch.zeros((), device=device)  # this step's: 1 once a pass's gradients were not finite
+
+    def scaled(self, loss):
+        return loss * self.scale
+
+    @torch.no_grad()
+    def unscale(self, parameters):
+        """Divide this pass's gradients by the scale, flagging the step if any is not finite."""
+        gradients = [parameter.grad for parameter in parameters if parameter.grad is not None]
+        torch._amp_foreach_non_finite_check_and_unscale_(gradients, self.found_inf, self.scale.reciprocal())
+
+    def step(self, optimizer):
+        """The optimizer's step, unless a gradient was not finite. Fused SGD skips it on the device (no host read)."""
+        if optimizer.defaults.get("fused"):
+            optimizer.grad_scale, optimizer.found_inf = None, self.found_inf  # the gradients are unscaled already
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.grad_scale, optimizer.found_inf
+        elif not self.found_inf.item():
+            optimizer.step()
+
+    @torch.no_grad()
+    def update(self):
+        """Halve the scale after a skipped step, double it after `growth_interval` finite ones; ready the next."""
+        torch._amp_update_scale_(self.scale, self.growth_tracker, self.found_inf, self.GROWTH, self.BACKOFF,
+                                 self.growth_interval)
+        self.skipped_steps += self.found_inf.long()
+        self.found_inf.zero_()
+
+    def describe(self):
+        return (f"fp16 loss scale {float(self.scale):g}, {plural(int(self.skipped_steps), 'step')} skipped for "
+                f"gradients that overflowed")
+
+    @staticmethod
+    @torch.no_grad()
+    def make_momentum_buffers(optimizer):
+        """Zero momentum buffers for SGD's parameters that have none yet. Fused SGD makes them uninitialised on its
+        first step and leaves them so when it skips that step, then reads them on the next; with zeros its first
+        step is the same to the bit (0 * momentum + gradient)."""
+        for group in optimizer.param_groups:
+            if group["momentum"]:
+                for parameter in group["params"]:
+                    optimizer.state[parameter].setdefault("momentum_buffer", torch.zeros_like(parameter))
+
+    def state_dict(self):
+        return {"scale": self.scale, "growth_tracker": self.growth_tracker, "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state):
+        """A checkpoint's scale back in, checked: a finite scale above 0, and counts that are counts."""
+        if not isinstance(state, dict) or set(state) != set(self.state_dict()):
+            raise ValueError(f"it holds {sorted(state) if isinstance(state, dict) else type(state).__name__}, "
+                             f"not a loss scale's {sorted(self.state_dict())}")
+        for name, mine in self.state_dict().items():
+            theirs = state[name]
+            if not isinstance(theirs, torch.Tensor) or theirs.shape != () or theirs.dtype != mine.dtype:
+                raise ValueError(f"its {name} is not a single {mine.dtype} number")
+        if not (state["scale"].isfinite() and state["scale"] > 0):
+            raise ValueError(f"its scale is {state['scale'].item()}, not a finite number above 0")
+        if state["growth_tracker"] < 0 or state["skipped_steps"] < 0:
+            raise ValueError("its counts of steps are negative")
+        for name, mine in self.state_dict().items():
+            mine.copy_(state[name])
+
+
 class RunningSums(typing.NamedTuple):
     """An epoch's running sums on this rank, in the order the step keeps them in one device tensor (`sums`)."""
 
@@ -124,6 +202,7 @@ class StepParts:
     criterion: object
     average: WeightAverage = None
     sharpness: SharpnessAware = None
+    loss_scale: LossScale = None
 
 
 class TrainStep:
@@ -137,7 +216,9 @@ class TrainStep:
 
     def __init__(self, parts, device, precision):
         self.model, self.optimizer, self.criterion = parts.model, parts.optimizer, parts.criterion
-        self.average, self.sharpness = parts.average, parts.sharpness
+        self.average, self.sharpness, self.loss_scale = parts.average, parts.sharpness, parts.loss_scale
+        if self.loss_scale is not None:
+            self.loss_scale.make_momentum_buffers(self.optimizer)
         self.device, self.precision = device, precision
         self.sums = torch.zeros(len(RunningSums._fields), device=device)
         self.first_step_seconds = 0.0  # the process's first step: cudnn's choice of algorithms, compilation
@@ -163,7 +244,11 @@ class TrainStep:
             with self.sharpness.statistics_kept():
                 self.forward_backward(images, labels)
             self.sharpness.come_back(start)
-        self.optimizer.step()
+        if self.loss_scale is None:
+            self.optimizer.step()
+        else:
+            self.loss_scale.step(self.optimizer)
+            self.loss_scale.update()
         if self.average is not None:
             self.average.update()
         self.record(loss.detach(), logits.detach(), labels)
@@ -173,7 +258,11 @@ class TrainStep:
             logits = self.model(images)
             loss = self.criterion(logits, labels)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.loss_scale is None:
+            loss.backward()
+        else:  # fp16: scaled up so that small gradients do not underflow, then back to their true size
+            self.loss_scale.scaled(loss).backward()
+            self.loss_scale.unscale(self.model.parameters())
         return loss, logits
 
     def record(self, loss, logits, labels):

@@ -19,15 +19,15 @@ from checkpoint import (RunState, check_same_split, check_same_training_data, mo
                         unwrap_model)
 from checkpoint import load_model  # noqa: F401 - a public name: `from train_utils import load_model`
 from config import Config, is_due
-from device_utils import (all_reduce_sum, broadcast_from_main, distribute_model, on_main_rank, resolve_precision,
-                          synchronize)
+from device_utils import (all_reduce_sum, broadcast_from_main, describe_precision, distribute_model, on_main_rank,
+                          resolve_precision, synchronize)
 from evaluation import evaluate
 from optimization import OneCycle, make_optimizer
 from report import ESTIMATE_AFTER_STEPS, Progress, describe_estimate, format_epoch_line, log_tensorboard, show
 from checkpoint_file import CheckpointError
 from signals import Interrupt
-from train_step import (CORRECT, LOSS_SUM, NonFiniteLossError, RunningSums, SharpnessAware, StepParts, TrainStep,
-                        WeightAverage, make_train_step)
+from train_step import (CORRECT, LOSS_SUM, LossScale, NonFiniteLossError, RunningSums, SharpnessAware, StepParts,
+                        TrainStep, WeightAverage, make_train_step)
 
 SYNC_POINTS_PER_EPOCH = 10
 
@@ -133,7 +133,7 @@ def train_one_epoch(run, show_progress=None):
             sums = check_in(train_step.sums, runtime)
             if sums.first_bad_step >= 0:
                 raise NonFiniteLossError(f"the training loss became NaN or infinite at epoch {epoch + 1}, "
-                                         f"step {int(sums.first_bad_step) + 1}")
+                                         f"step {int(sums.first_bad_step) + 1}{loss_not_gradients(run)}")
             if interrupt.agreed(runtime) and not last_step:
                 stopped_at_step = step + 1
                 break
@@ -153,6 +153,13 @@ def train_one_epoch(run, show_progress=None):
     epoch_totals = EpochTotals(sums[LOSS_SUM], sums[CORRECT], previous_images + images_done,
                                previous_seconds + seconds)
     return epoch_totals, stopped_at_step
+
+
+def loss_not_gradients(run):
+    """Under fp16 a step whose gradients overflow is skipped, not fatal: say that this was the loss itself."""
+    if run.loss_scale is None:
+        return ""
+    return f" (the loss itself, not only its gradients; {run.loss_scale.describe()})"
 
 
 def estimate_once(run, steps_done, timed_steps, stepping, augment_seconds):
@@ -205,6 +212,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     schedule: OneCycle
     average: WeightAverage  # with --ema: the averaged weights, which are evaluated and saved; else None
+    loss_scale: LossScale  # with fp16: the dynamic loss scale, saved with the run; else None
     train_step: TrainStep
     train_loader: object
     val_loader: object  # None without --val-size: then the test set picks best.pt and early stopping
@@ -221,6 +229,10 @@ class Run:
     @property
     def evaluated_model(self):
         return self.average.model if self.average is not None else unwrap_model(self.model)
+
+    @property
+    def precision_words(self):
+        return describe_precision(self.runtime.device, self.config.precision)
 
     @property
     def selection_split(self):
@@ -253,13 +265,15 @@ def build_run(config, runtime, loaders, run_dir=None, resumed=None):
     momenta = None if config.min_momentum is None else (config.min_momentum, config.momentum)
     schedule = OneCycle.for_optimizer(optimizer, config.epochs * train_loader.steps_per_epoch, momenta)
     average = WeightAverage(model, config.ema) if config.ema else None
+    loss_scale = LossScale(runtime.device) if precision == "fp16" else None
     early_stopping = EarlyStopping(config.target_accuracy, config.patience)
     state = RunState()
     if resumed is not None:
         checkpoint, path = resumed
         check_same_training_data(checkpoint, path, train_loader)
         check_same_split(checkpoint, path, val_loader)
-        state = restore(checkpoint, path, StepParts(model, optimizer, None, average), train_loader.steps_per_epoch)
+        state = restore(checkpoint, path, StepParts(model, optimizer, None, average, loss_scale=loss_scale),
+                        train_loader.steps_per_epoch)
         restore_early_stopping(checkpoint, path, early_stopping)
         restore_generators(checkpoint, path, runtime, config.seed)  # last: nothing draws before training
     training_model = distribute_model(model, runtime)
@@ -268,12 +282,13 @@ def build_run(config, runtime, loaders, run_dir=None, resumed=None):
     cuda_graphs = not config.no_cuda_graphs and momenta is None  # a captured step keeps its momentum
     sharpness = SharpnessAware(model, config.sam, config.asam) if config.sam else None
     parts = StepParts(training_model, optimizer, make_criterion(config.label_smoothing), average=average,
-                      sharpness=sharpness)
+                      sharpness=sharpness, loss_scale=loss_scale)
     train_step = make_train_step(parts, runtime, precision, cuda_graphs)
     return Run(config=config, runtime=runtime, precision=precision, model=training_model, optimizer=optimizer,
-               schedule=schedule, average=average, train_step=train_step, train_loader=train_loader,
-               val_loader=val_loader, test_loader=test_loader, run_dir=run_dir, early_stopping=early_stopping,
-               state=state, interrupt=Interrupt(runtime.is_main), first_epoch=state.epoch)
+               schedule=schedule, average=average, loss_scale=loss_scale, train_step=train_step,
+               train_loader=train_loader, val_loader=val_loader, test_loader=test_loader, run_dir=run_dir,
+               early_stopping=early_stopping, state=state, interrupt=Interrupt(runtime.is_main),
+               first_epoch=state.epoch)
 
 
 def fit(run):

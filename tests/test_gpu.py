@@ -54,6 +54,10 @@ def test_graph_replays_match_eager_steps(rho):
     run_check("check_graph_replays_match_eager_steps", *rho)
 
 
+def test_fp16_steps_with_loss_scaling_match_fp32_and_skip_an_overflow_inside_the_graph():
+    run_check("check_fp16_steps_match_fp32_eager_steps")
+
+
 def test_an_epoch_prepared_on_a_side_stream_matches_one_made_on_demand():
     run_check("check_an_epoch_prepared_on_a_side_stream_matches_one_made_on_demand")
 
@@ -131,7 +135,9 @@ def test_a_short_real_run_on_the_gpu_writes_checkpoints_that_resume(gpu_data, tm
     (["--auto-augment", "ra", "--sam", 0.05, "--asam", "--ema", 0.99, "--cutmix", 1, "--epochs", 3], "CUDA graph"),
     # two lr tensors in the graphed fused step, and six bf16 views an evaluation
     (["--bn-bias-lr-scale", 8, "--flip", "alternate", "--tta-crops", "--epochs", 2], "CUDA graph"),
-], ids=["compile", "no-cuda-graphs", "min-momentum", "2-step-epochs", "strongest-recipe", "airbench-tricks"])
+    (["--precision", "fp16", "--sam", 0.05, "--epochs", 3], "CUDA graph"),  # both passes scaled, skipped on the GPU
+], ids=["compile", "no-cuda-graphs", "min-momentum", "2-step-epochs", "strongest-recipe", "airbench-tricks",
+        "fp16-sam"])
 def test_each_cuda_path_trains_with_the_step_it_says(gpu_data, tmp_path, flags, step):
     from checkpoint_file import load_checkpoint
     result = tiny_gpu_run(gpu_data, tmp_path / "ckpt", *flags)
