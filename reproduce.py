@@ -63,7 +63,9 @@ TABLES = {
               Run("resnet18-policies", ["bench.py", "--models", "resnet18", "--batch-sizes", "128", "--repeats", "3",
                                         "--auto-augment", "ta_wide"]),
               Run("resnet18-sam", ["bench.py", "--models", "resnet18", "--batch-sizes", "128", "--repeats", "3",
-                                   "--sam", "0.1"])],
+                                   "--sam", "0.1"]),
+              Run("resnet18-precisions", ["bench.py", "--models", "resnet18", "--batch-sizes", "512", "--repeats",
+                                          "3", "--precisions", "bf16,fp16"])],
     # 30-epoch ResNet18 runs on 45,000 images, each against the default recipe: the candidates for an accuracy recipe.
     "r18-choice": choices(SHORT_ON_VALIDATION, {
         "default": [], "ta-wide": ["--auto-augment", "ta_wide"], "ta-wide-cutout16": ["--auto-augment", "ta_wide",

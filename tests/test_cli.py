@@ -19,7 +19,7 @@ from run_dir import read_metrics
     ["--batch-size", "-1"], ["--batch-size", "0"], ["--lr", "0"], ["--lr", "-0.1"], ["--base-lr", "nan"],
     ["--epochs", "0"], ["--target-accuracy", "1.5"], ["--target-accuracy", "0"], ["--model", "vgg16"],
     ["--momentum", "1"], ["--weight-decay", "-1"], ["--label-smoothing", "1"], ["--patience", "0"],
-    ["--depth", "4"], ["--dropout", "inf"], ["--workers", "0"], ["--precision", "fp16"], ["--seed", "x"],
+    ["--depth", "4"], ["--dropout", "inf"], ["--workers", "0"], ["--precision", "fp8"], ["--seed", "x"],
     ["--resume", "--evaluate"], ["--nesterov", "--momentum", "0"], ["--cutout", "33"], ["--val-size", "-5"],
     ["--seed", "4294967296"], ["--depth", "12"], ["--widen-factor", "10000"], ["--ema", "1"],
     ["--mixup", "-1"], ["--cutmix", "nan"], ["--min-momentum", "0.95"], ["--cutmix-prob", "0.5"],

@@ -142,27 +142,29 @@ def test_an_fp16_run_resumes_exactly_with_its_loss_scale(train_main, cifar_dir, 
     assert load_checkpoint(tmp_path / "straight" / "last.pt")["args"]["precision"] == "fp16"
 
 
-@pytest.mark.parametrize("damage, words", [
-    (lambda scale: {**scale, "scale": torch.tensor(float("nan"))}, "its scale is nan, not a finite number above 0"),
-    (lambda scale: {**scale, "scale": torch.tensor(0.0)}, "its scale is 0.0, not a finite number above 0"),
-    (lambda scale: {**scale, "growth_tracker": torch.tensor(-1, dtype=torch.int32)}, "counts of steps are negative"),
-    (lambda scale: {**scale, "scale": torch.tensor(2.0 ** 16, dtype=torch.float64)}, "scale is not a single"),
-    (lambda scale: {"scale": scale["scale"]}, "not a loss scale's"),
-], ids=["nan", "zero", "negative-count", "float64", "missing-counts"])
-def test_a_damaged_loss_scale_is_one_line_and_the_checkpoint_is_kept(train_main, cifar_dir, tmp_path, capsys,
-                                                                     damage, words):
+DAMAGED_SCALES = {  # each kind of damage, and the words that name it
+    "its scale is nan, not a finite number above 0": lambda scale: {**scale, "scale": torch.tensor(float("nan"))},
+    "its scale is 0.0, not a finite number above 0": lambda scale: {**scale, "scale": torch.tensor(0.0)},
+    "counts of steps are negative": lambda scale: {**scale, "growth_tracker": torch.tensor(-1, dtype=torch.int32)},
+    "its scale is not a single torch.float32 number":
+        lambda scale: {**scale, "scale": torch.tensor(2.0 ** 16, dtype=torch.float64)},
+    "not a loss scale's": lambda scale: {"scale": scale["scale"]},
+}
+
+
+def test_a_damaged_loss_scale_is_one_line_and_the_checkpoint_is_kept(train_main, cifar_dir, tmp_path, capsys):
     folder = tmp_path / "ckpt"
     assert train_main(tiny_run_args(cifar_dir, folder, "--epochs", "1", "--precision", "fp16")) == 0
     checkpoint = load_checkpoint(folder / "last.pt")
-    checkpoint["loss_scale"] = damage(checkpoint["loss_scale"])
-    torch.save(checkpoint, folder / "last.pt")
-    damaged = (folder / "last.pt").read_bytes()
-    capsys.readouterr()
-    assert train_main(tiny_run_args(cifar_dir, folder, "--resume", "--epochs", "2")) == 1
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "is damaged: its fp16 loss scale does not fit this run" in lines[0], lines
-    assert words in lines[0], lines[0]
-    assert (folder / "last.pt").read_bytes() == damaged
+    for words, damage in DAMAGED_SCALES.items():
+        torch.save({**checkpoint, "loss_scale": damage(checkpoint["loss_scale"])}, folder / "last.pt")
+        damaged = (folder / "last.pt").read_bytes()
+        capsys.readouterr()
+        assert train_main(tiny_run_args(cifar_dir, folder, "--resume", "--epochs", "2")) == 1
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "is damaged: its fp16 loss scale does not fit this run" in lines[0], lines
+        assert words in lines[0], lines[0]
+        assert (folder / "last.pt").read_bytes() == damaged
 
 
 def test_a_run_resumed_in_another_precision_takes_up_or_drops_the_loss_scale(train_main, cifar_dir, tmp_path):
