@@ -382,9 +382,9 @@ def setting_sources(explicit, layers):
 
 
 def read_config_file(path):
-    """(the file, its recipe, the processes that trained it if it says): a JSON object of settings by the flags' names (a run's config.json, or one written
-    by hand; a run folder stands for its config.json), each checked by its flag. How that run was launched (its
-    folder, data, device, processes) is left to this command."""
+    """(the file, its recipe, the processes that trained it if it says): a JSON object of settings by the flags'
+    names (a run's config.json, or one written by hand; a run folder stands for its config.json), each checked by
+    its flag. How that run was launched (its folder, data, device, processes) is left to this command."""
     file = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
     try:
         settings = json.loads(file.read_text(encoding="utf-8"))
