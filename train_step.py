@@ -158,7 +158,9 @@ class LossScale:
         for group in optimizer.param_groups:
             if group["momentum"]:
                 for parameter in group["params"]:
-                    optimizer.state[parameter].setdefault("momentum_buffer", torch.zeros_like(parameter))
+                    state = optimizer.state[parameter]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(parameter)
 
     def state_dict(self):
         return {"scale": self.scale, "growth_tracker": self.growth_tracker, "skipped_steps": self.skipped_steps}
