@@ -92,18 +92,20 @@ def check_fp16_steps_match_fp32_eager_steps():
     for graphed in (False, True):
         weights, step = trained["fp16", graphed]
         apart = distance(weights, reference)
-        print(f"fp32 moved the weights {moved:.4g}; fp16 {'graphed' if graphed else 'eager'} differs by {apart:.4g}")
+        skipped = int(step.loss_scale.skipped_steps)  # an early overflow at 2^16 is allowed, as GradScaler has them
+        print(f"fp32 moved the weights {moved:.4g}; fp16 {'graphed' if graphed else 'eager'} differs by {apart:.4g}, "
+              f"{skipped} of 12 steps skipped")
         assert apart < 0.1 * moved  # fp16 rounding over 12 steps (3 % on a CPU), not a different computation
-        assert int(step.loss_scale.skipped_steps) == 0 and float(step.loss_scale.scale) == 2.0 ** 16
+        assert skipped <= 2 and float(step.loss_scale.scale) == 2.0 ** (16 - skipped)
     step = trained["fp16", True][1]
-    before = [p.detach().clone() for p in step.model.parameters()]
+    before, skipped = [p.detach().clone() for p in step.model.parameters()], int(step.loss_scale.skipped_steps)
     step.loss_scale.scale.fill_(2.0 ** 127)  # the loss times this is infinite, and so is every gradient
     images, labels = fixed_batches(1, dtype=torch.float16)[0]
     step(images, labels)
     torch.cuda.synchronize()
     assert step.graph is not None
     assert all(torch.equal(p, q) for p, q in zip(step.model.parameters(), before)), "a skipped step moved a weight"
-    assert float(step.loss_scale.scale) == 2.0 ** 126 and int(step.loss_scale.skipped_steps) == 1
+    assert float(step.loss_scale.scale) == 2.0 ** 126 and int(step.loss_scale.skipped_steps) == skipped + 1
 
 
 def random_loader(count=8192, batch_size=256, augmentation=Augmentation()):
