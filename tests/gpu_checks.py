@@ -48,6 +48,10 @@ def train_on(batches, step, optimizer):
     torch.cuda.synchronize()
 
 
+def distance(weights, others):
+    return sum((a - b).norm() ** 2 for a, b in zip(weights, others)).sqrt()
+
+
 def check_graph_replays_match_eager_steps(rho=None):
     """Also with SAM (`rho`): both passes, the climb and the return inside the graph."""
     rho = rho and float(rho)
@@ -62,8 +66,7 @@ def check_graph_replays_match_eager_steps(rho=None):
                         float(optimizer.param_groups[0]["lr"])))
     (eager, eager_sums, eager_lr), (replayed, replayed_sums, replayed_lr) = results
     start = [p.detach().float() for p in two_identical_steps(False)[0].parameters()] * 2
-    moved = sum((a - s).norm() ** 2 for a, s in zip(eager, start)).sqrt()
-    apart = sum((a - b).norm() ** 2 for a, b in zip(eager, replayed)).sqrt()
+    moved, apart = distance(eager, start), distance(eager, replayed)
     print(f"eager moved the weights {moved:.4g}; graph and eager differ by {apart:.4g}")
     assert apart < 0.05 * moved  # bf16 rounding and cudnn's algorithm choice, not a different computation
     eager_sums, replayed_sums = RunningSums(*eager_sums.tolist()), RunningSums(*replayed_sums.tolist())
@@ -71,10 +74,6 @@ def check_graph_replays_match_eager_steps(rho=None):
     assert eager_sums.first_bad_step == replayed_sums.first_bad_step == -1
     assert abs(eager_sums.loss_sum - replayed_sums.loss_sum) < 0.02 * eager_sums.loss_sum
     assert eager_lr == pytest.approx(replayed_lr)
-
-
-def distance(weights, others):
-    return sum((a - b).norm() ** 2 for a, b in zip(weights, others)).sqrt()
 
 
 def check_fp16_steps_match_fp32_eager_steps():
