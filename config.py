@@ -396,17 +396,11 @@ def read_config_file(path):
         raise FlagError(f"--config {file} is not JSON ({err})") from None
     if not isinstance(settings, dict):
         raise FlagError(f"--config {file} holds a JSON {type(settings).__name__}, not an object of settings")
-    rules = {setting.name: OnResume.of(setting) for setting in fields(Config)}
     trained_by = settings.pop("world_size", None)  # what a run's config.json records beside its settings
     if trained_by is not None and (type(trained_by) is not int or trained_by < 1):
         raise FlagError(f"--config {file}: world_size is {trained_by!r}, not a number of processes")
-    unknown = sorted(set(settings) - set(rules))
-    if unknown:
-        raise FlagError(f"--config {file}: train.py has no setting {', '.join(map(repr, unknown))}")
-    recipe = {name: value for name, value in settings.items()
-              if name in rules and rules[name] is not OnResume.THIS_COMMAND}
     try:
-        check_settings(recipe)
+        recipe = checked_recipe(settings, lambda unknown: f"train.py has no setting {', '.join(map(repr, unknown))}")
     except FlagError as err:
         raise FlagError(f"--config {file}: {err}") from None
     return file, recipe, trained_by
@@ -454,14 +448,22 @@ def check_settings(settings):
     check_combination(parser.parse_args(as_flags(settings)), parser)
 
 
+def checked_recipe(settings, name_unknown):
+    """The recipe among `settings` (by name; those that are not this command's own), through its flags' checks;
+    names that no setting has are refused in the words `name_unknown(sorted names)` gives. Raises FlagError."""
+    rules = {setting.name: OnResume.of(setting) for setting in fields(Config)}
+    unknown = sorted(set(settings) - set(rules))
+    if unknown:
+        raise FlagError(name_unknown(unknown))
+    recipe = {name: value for name, value in settings.items() if rules[name] is not OnResume.THIS_COMMAND}
+    check_settings(recipe)
+    return recipe
+
+
 def check_saved_settings(saved, path):
     """A checkpoint's recipe goes through its flags' own checks, once."""
-    rules = {setting.name: OnResume.of(setting) for setting in fields(Config)}
-    unknown = sorted(set(saved) - set(rules))
-    if unknown:
-        raise CheckpointError(f"{path} is damaged: its settings hold {', '.join(unknown)}, which train.py has not")
     try:
-        check_settings({name: value for name, value in saved.items() if rules[name] is not OnResume.THIS_COMMAND})
+        checked_recipe(saved, lambda unknown: f"its settings hold {', '.join(unknown)}, which train.py has not")
     except FlagError as err:
         raise CheckpointError(f"{path} is damaged: {err}") from None
 
