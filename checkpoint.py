@@ -46,7 +46,7 @@ def check_state_is_finite(run):
     if not torch.stack([tensor.isfinite().all() for tensor in floats]).all():
         epoch = run.state.epoch + (1 if run.state.step else 0)
         raise NonFiniteLossError(f"the weights or BatchNorm statistics became NaN or infinite in epoch {epoch}")
-    if run.loss_scale is not None and not (run.loss_scale.scale.isfinite() and run.loss_scale.scale > 0):
+    if run.loss_scale is not None and not run.loss_scale.is_usable(run.loss_scale.scale):
         raise NonFiniteLossError(f"the fp16 loss scale became {float(run.loss_scale.scale):g}: the gradients "
                                  f"overflowed step after step ({run.loss_scale.describe()})")
 

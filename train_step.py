@@ -127,7 +127,8 @@ class LossScale:
         torch._amp_foreach_non_finite_check_and_unscale_(gradients, self.found_inf, self.scale.reciprocal())
 
     def step(self, optimizer):
-        """The optimizer's step, unless a gradient was not finite. Fused SGD skips it on the device (no host read)."""
+        """The optimizer's step, unless a gradient was not finite (fused SGD skips it on the device, with no host
+        read); then the scale's update."""
         if optimizer.defaults.get("fused"):
             optimizer.grad_scale, optimizer.found_inf = None, self.found_inf  # the gradients are unscaled already
             try:
@@ -136,6 +137,11 @@ class LossScale:
                 del optimizer.grad_scale, optimizer.found_inf
         elif not self.found_inf.item():
             optimizer.step()
+        self.update()
+
+    @staticmethod
+    def is_usable(scale):
+        return bool(scale.isfinite() and scale > 0)
 
     @torch.no_grad()
     def update(self):
@@ -174,7 +180,7 @@ class LossScale:
             theirs = state[name]
             if not isinstance(theirs, torch.Tensor) or theirs.shape != () or theirs.dtype != mine.dtype:
                 raise ValueError(f"its {name} is not a single {mine.dtype} number")
-        if not (state["scale"].isfinite() and state["scale"] > 0):
+        if not self.is_usable(state["scale"]):
             raise ValueError(f"its scale is {state['scale'].item()}, not a finite number above 0")
         if state["growth_tracker"] < 0 or state["skipped_steps"] < 0:
             raise ValueError("its counts of steps are negative")
@@ -250,7 +256,6 @@ class TrainStep:
             self.optimizer.step()
         else:
             self.loss_scale.step(self.optimizer)
-            self.loss_scale.update()
         if self.average is not None:
             self.average.update()
         self.record(loss.detach(), logits.detach(), labels)
